@@ -1,0 +1,129 @@
+"""The curvature of the training objective as a linear operator.
+
+H = ∇²θ L(θ) with L(θ) = (1/N) Σᵢ ℓ(zᵢ, θ). A batch b of size B contributes B · ∇²(mean loss of b) to the
+sum N·H, so uneven last batches weigh exactly right. Every product is a pass over the training loader,
+summed locally, combined by the reducer across processes, then divided by the global N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import batch_size, iterate_batches
+from .reducer import LocalReducer, Reducer
+from .twice_differentiable import TwiceDifferentiable, check_finite
+
+
+class CurvatureOperator:
+    """Products with the mean-loss Hessian H of `model` over `training_data` (without damping λ).
+
+    Args:
+        model: the functional model and loss.
+        training_data: iterable of (inputs, targets) batches; iterated once per product.
+        reducer: combines per-process sums (None: this process alone).
+        progress: show a progress bar for each pass over the data.
+    """
+
+    def __init__(
+        self,
+        model: TwiceDifferentiable,
+        training_data: Iterable[Any],
+        *,
+        reducer: Reducer | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.training_data = training_data
+        self.reducer: Reducer = reducer if reducer is not None else LocalReducer()
+        self.progress = progress
+        self.num_examples: int | None = None
+        self.passes = 0
+
+    @property
+    def num_params(self) -> int:
+        return self.model.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def batches(self, desc: str) -> Iterable[tuple[int, Any, Tensor]]:
+        """This process's training batches on the model's device."""
+        return iterate_batches(
+            self.training_data, self.device, self.dtype, name="training_data", progress=self.progress, desc=desc
+        )
+
+    def _reduce_mean(self, total: Tensor, count: int, stage: str) -> Tensor:
+        """Divide a reduced sum over examples by the global number of examples N."""
+        count_tensor = self.reducer.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device))
+        total = self.reducer.sum(total)
+        n = int(round(count_tensor.item()))
+        if n == 0:
+            raise ValueError("training_data holds no examples on any process.")
+        self.num_examples = n
+        self.passes += 1
+        return check_finite(total / n, stage)
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """H V for a block of k vectors, [k, p] → [k, p]: one pass over the training data."""
+        total = torch.zeros_like(vectors)
+        count = 0
+        for index, inputs, targets in self.batches("Hessian products"):
+            size = batch_size(inputs)
+            product = self.model.batch_hvp(inputs, targets, vectors)
+            total += size * check_finite(product, "Hessian-vector products", index)
+            count += size
+        return self._reduce_mean(total, count, "Hessian-vector products")
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """H v for one vector of length p."""
+        return self.matmat(vector.unsqueeze(0)).squeeze(0)
+
+    def batch_matmat(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
+        """Hb V with Hb the Hessian of one batch's mean loss (a stochastic estimate of H V), reduced."""
+        product = check_finite(self.model.batch_hvp(inputs, targets, vectors), "Hessian-vector products")
+        return self.reducer.sum(product)
+
+    def dense(self) -> Tensor:
+        """The explicit Hessian H, [p, p], summed batch by batch; for small p only."""
+        p = self.num_params
+        total = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        count = 0
+        for index, inputs, targets in self.batches("explicit Hessian"):
+            size = batch_size(inputs)
+            total += size * check_finite(self.model.batch_hessian(inputs, targets), "explicit Hessian", index)
+            count += size
+        return self._reduce_mean(total, count, "explicit Hessian")
+
+    def diagonal(self, num_probes: int = 32, seed: int = 0) -> Tensor:
+        """diag(H): exact (identity probes) when p ≤ num_probes, else Hutchinson's E[v ⊙ Hv] with ±1 probes."""
+        p = self.num_params
+        if p <= num_probes:
+            probes = torch.eye(p, dtype=self.dtype, device=self.device)
+            return torch.diagonal(self.matmat(probes)).clone()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        signs = torch.randint(0, 2, (num_probes, p), generator=generator).to(self.device, self.dtype) * 2 - 1
+        return (signs * self.matmat(signs)).mean(0)
+
+    def largest_eigenvalue(self, iterations: int = 20, seed: int = 0) -> float:
+        """An estimate of the largest-magnitude eigenvalue of H by power iteration (one pass per step)."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        vector = torch.randn(self.num_params, generator=generator, dtype=torch.float64).to(self.device, self.dtype)
+        vector /= vector.norm()
+        estimate = 0.0
+        for _ in range(iterations):
+            product = self.matvec(vector)
+            estimate = float(torch.dot(vector, product))
+            norm = product.norm()
+            if norm == 0:
+                return 0.0
+            vector = product / norm
+        return estimate

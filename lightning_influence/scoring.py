@@ -1,0 +1,58 @@
+"""Influence scores as a bilinear form, streamed over the training data one batch at a time.
+
+Memory stays bounded by (batch × p + M × p): per-example gradients of one batch are formed, contracted with
+the factors, and dropped before the next batch is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import iterate_batches
+from .solvers import Solver
+from .twice_differentiable import TwiceDifferentiable, check_finite
+
+
+def gradients(
+    model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
+) -> Iterator[tuple[int, Tensor]]:
+    """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p], checked finite."""
+    for index, inputs, targets in iterate_batches(data, model.device, model.dtype, name=name, progress=progress):
+        model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
+        yield index, check_finite(model.grad(inputs, targets), f"per-example gradients of {name}", index)
+
+
+def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False) -> Tensor:
+    """All per-example gradients of a (query-sized) data set, [M, p]."""
+    return torch.cat([block for _, block in gradients(model, data, name=name, progress=progress)])
+
+
+def up_score_blocks(
+    model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
+) -> Iterator[Tensor]:
+    """Blocks of I_up = factors · ∇θ ℓ(zᵢ)ᵀ, one [M, B] block per batch of `data`, in loader order."""
+    for _, block in gradients(model, data, name="input_data", progress=progress):
+        yield factors @ block.T
+
+
+def perturbation_score_blocks(
+    model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
+) -> Iterator[Tensor]:
+    """Blocks of I_pert = ∇ₓ ⟨s, ∇θ ℓ(zᵢ)⟩, one [M, B, *x_shape] block per batch of `data`."""
+    batches = iterate_batches(data, model.device, model.dtype, name="input_data", progress=progress)
+    for index, inputs, targets in batches:
+        model.batch_loss(inputs, targets)
+        block = model.mixed_grad(inputs, targets, factors)
+        yield check_finite(block, "perturbation influence", index)
+
+
+def self_influence_blocks(
+    model: TwiceDifferentiable, data: Iterable[Any], solver: Solver, *, progress: bool = False
+) -> Iterator[Tensor]:
+    """Blocks of ⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩, one [B] block per batch, each batch solved as one block."""
+    for _, block in gradients(model, data, name="training_data", progress=progress):
+        yield (solver.solve(block).x * block).sum(1)

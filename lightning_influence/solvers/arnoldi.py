@@ -1,0 +1,95 @@
+"""Low-rank inversion from the dominant eigenpairs of H, found by Lanczos with full reorthogonalisation."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Solver, positive_int, work_dtype
+
+
+class ArnoldiSolver(Solver, method="arnoldi"):
+    """(H + λI)⁻¹ ≈ V diag(1 / (θ + λ)) Vᵀ on the `rank` eigenpairs (θ, V) of H largest in magnitude.
+
+    A Krylov basis of `krylov_dimension` vectors (default min(p, 2·rank + 10)) is built with one Hessian pass per
+    vector, eigenpairs of the small tridiagonal matrix give the Ritz pairs. At rank = p the inverse is exact.
+    Directions outside the subspace are left out (the projection variant of Schioppa et al., 2022).
+    """
+
+    def __init__(self, rank: int = 10, krylov_dimension: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.rank = positive_int("rank", rank)
+        self.krylov_dimension = positive_int("krylov_dimension", krylov_dimension, allow_none=True)
+        if krylov_dimension is not None and krylov_dimension < rank:
+            raise ValueError(f"krylov_dimension ({krylov_dimension}) must be at least rank ({rank}).")
+        self.seed = seed
+        self._eigenvalues: Tensor | None = None
+        self._eigenvectors: Tensor | None = None
+
+    def _fit(self) -> dict[str, Any]:
+        operator = self._fitted()
+        p = operator.num_params
+        rank = min(self.rank, p)
+        dimension = min(p, self.krylov_dimension or 2 * rank + 10)
+        basis, tridiagonal = self._lanczos(dimension)
+        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
+        order = ritz_values.abs().argsort(descending=True)[:rank]
+        self._eigenvalues = ritz_values[order]
+        self._eigenvectors = basis.T @ ritz_vectors[:, order]  # [p, rank]
+        damped = self._eigenvalues + self.regularization
+        if bool((damped <= 0).any()):
+            smallest = float(self._eigenvalues.min())
+            warnings.warn(
+                f"The Hessian has an eigenvalue {smallest:.3e} ≤ −λ in the rank-{rank} subspace: H + λI is not "
+                f"positive definite there. Use a hessian_regularization above {-smallest:.3g}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return {
+            "rank": rank,
+            "krylov_dimension": dimension,
+            "top_eigenvalue": float(self._eigenvalues.abs().max()),
+            "min_kept_eigenvalue": float(self._eigenvalues.min()),
+        }
+
+    def _lanczos(self, dimension: int) -> tuple[Tensor, Tensor]:
+        """Orthonormal Krylov basis Q [k, p] (rows) and T = Q H Qᵀ [k, k] in the work dtype."""
+        operator = self._fitted()
+        dtype = work_dtype(operator.device)
+        p = operator.num_params
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        basis = torch.zeros(dimension, p, dtype=dtype, device=operator.device)
+        tridiagonal = torch.zeros(dimension, dimension, dtype=dtype, device=operator.device)
+        vector = torch.randn(p, generator=generator, dtype=dtype).to(operator.device)
+        vector /= vector.norm()
+        for k in range(dimension):
+            basis[k] = vector
+            product = operator.matvec(vector.to(operator.dtype)).to(dtype)
+            # Full reorthogonalisation, twice ("twice is enough"), keeps the basis orthonormal in floating point.
+            coefficients = basis[: k + 1] @ product
+            product = product - basis[: k + 1].T @ coefficients
+            correction = basis[: k + 1] @ product
+            product = product - basis[: k + 1].T @ correction
+            coefficients += correction
+            tridiagonal[k, : k + 1] = coefficients
+            tridiagonal[: k + 1, k] = coefficients
+            if k + 1 == dimension:
+                break
+            norm = product.norm()
+            if norm <= 1e-10 * tridiagonal[: k + 1, : k + 1].abs().max().clamp_min(1e-30):
+                # Invariant subspace found: continue from a fresh direction orthogonal to the basis.
+                product = torch.randn(p, generator=generator, dtype=dtype).to(operator.device)
+                for _ in range(2):
+                    product = product - basis[: k + 1].T @ (basis[: k + 1] @ product)
+                norm = product.norm()
+            vector = product / norm
+        return basis, (tridiagonal + tridiagonal.T) / 2
+
+    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        assert self._eigenvectors is not None and self._eigenvalues is not None
+        vectors = self._eigenvectors
+        coefficients = rhs.to(vectors.dtype) @ vectors / (self._eigenvalues + self.regularization)
+        return (coefficients @ vectors.T).to(rhs.dtype), {}

@@ -1,0 +1,148 @@
+"""One interface for every inversion method: fit once on the curvature, then solve for many right-hand sides."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..curvature import CurvatureOperator
+from ..enums import InversionMethod
+from ..twice_differentiable import check_finite
+
+
+class InverseHvpResult(NamedTuple):
+    """Solutions x = (H + λI)⁻¹ b as rows of `x` [M, p], and what the solver reports about them in `info`."""
+
+    x: Tensor
+    info: dict[str, Any]
+
+
+class Solver(ABC):
+    """Computes (H + λI)⁻¹ B for the curvature H of a `CurvatureOperator`.
+
+    Subclasses register themselves for an `InversionMethod` with ``class X(Solver, method="name")``, take
+    their options as keyword arguments of `__init__` (validated there), and implement `_fit` and `_solve`.
+    """
+
+    registry: ClassVar[dict[InversionMethod, type[Solver]]] = {}
+    method: ClassVar[InversionMethod]
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            cls.method = InversionMethod.parse(method)
+            Solver.registry[cls.method] = cls
+
+    def __init__(self) -> None:
+        self.operator: CurvatureOperator | None = None
+        self.regularization = 0.0
+        self.fit_info: dict[str, Any] = {}
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The constructor options as given (after defaults), for metadata."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def fit(self, operator: CurvatureOperator, regularization: float = 0.0) -> Solver:
+        """Prepare to solve with (H + λI) for the operator's H and λ = `regularization` ≥ 0."""
+        self.regularization = check_regularization(regularization)
+        self.operator = operator
+        start = time.perf_counter()
+        self.fit_info = self._fit() or {}
+        self.fit_info["fit_seconds"] = time.perf_counter() - start
+        self.fit_info["hessian_passes"] = operator.passes
+        return self
+
+    def solve(self, rhs: Tensor) -> InverseHvpResult:
+        """x = (H + λI)⁻¹ b for each row b of `rhs` ([M, p] or [p]), all rows in one batched computation."""
+        operator = self._fitted()
+        single = rhs.ndim == 1
+        block = rhs.unsqueeze(0) if single else rhs
+        if block.ndim != 2 or block.shape[1] != operator.num_params:
+            raise ValueError(
+                f"Right-hand sides must have shape [M, {operator.num_params}] (one row per query), "
+                f"got {tuple(rhs.shape)}."
+            )
+        block = block.to(device=operator.device, dtype=operator.dtype)
+        start = time.perf_counter()
+        passes = operator.passes
+        solution, info = self._solve(block)
+        check_finite(solution, f"the {self.method.value} solution")
+        info = {
+            "method": self.method.value,
+            "options": self.options,
+            "regularization": self.regularization,
+            **self.fit_info,
+            **info,
+            "solve_seconds": time.perf_counter() - start,
+            "solve_hessian_passes": operator.passes - passes,
+        }
+        return InverseHvpResult(solution.squeeze(0) if single else solution, info)
+
+    def _fitted(self) -> CurvatureOperator:
+        if self.operator is None:
+            raise RuntimeError(f"{type(self).__name__}.fit(operator, regularization) must be called before solve.")
+        return self.operator
+
+    def apply_damped(self, vectors: Tensor) -> Tensor:
+        """(H + λI) V for a block of vectors."""
+        product = self._fitted().matmat(vectors)
+        return product + self.regularization * vectors if self.regularization else product
+
+    @abstractmethod
+    def _fit(self) -> dict[str, Any] | None:
+        """Build what solving needs; return facts for the metadata."""
+
+    @abstractmethod
+    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """Solve for a block [M, p] of right-hand sides; return the block and convergence facts."""
+
+
+def check_regularization(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"hessian_regularization must be a non-negative number, got {value!r}.")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"hessian_regularization must be finite and ≥ 0, got {value!r}.")
+    return float(value)
+
+
+def positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
+    """Validate an integer option that must be ≥ 1."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def non_negative_float(name: str, value: Any) -> float:
+    """Validate a float option that must be finite and ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}.")
+    return float(value)
+
+
+def make_solver(method: str | InversionMethod, **options: Any) -> Solver:
+    """The solver registered for `method`, constructed with `options`; unknown options are named."""
+    method = InversionMethod.parse(method)
+    if method not in Solver.registry:
+        raise NotImplementedError(f"The inversion method {method.value!r} is not available in this version.")
+    cls = Solver.registry[method]
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"Unknown option(s) {unknown} for inversion method {method.value!r}; it accepts {accepted}."
+        )
+    return cls(**options)
+
+
+def work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for small dense factorisations, except where the device lacks it (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64

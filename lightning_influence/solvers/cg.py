@@ -1,0 +1,103 @@
+"""Conjugate gradient on (H + λI) x = b for a whole block of right-hand sides at once."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Solver, non_negative_float, positive_int
+
+PRECONDITIONERS = (None, "jacobi")
+
+
+class ConjugateGradientSolver(Solver, method="cg"):
+    """Preconditioned CG, one recurrence per right-hand side, all sharing one Hessian pass per iteration.
+
+    A row stops (and is frozen) once ‖b − (H + λI)x‖ ≤ max(rtol · ‖b‖, atol); later iterations multiply only
+    the rows still running. `preconditioner="jacobi"` divides by diag(H) + λ (exact when p ≤ `num_probes`,
+    otherwise Hutchinson's estimate from `num_probes` random sign vectors, clipped to stay positive).
+    """
+
+    def __init__(
+        self,
+        rtol: float = 1e-6,
+        atol: float = 0.0,
+        maxiter: int = 1000,
+        preconditioner: str | None = None,
+        num_probes: int = 32,
+    ) -> None:
+        super().__init__()
+        self.rtol = non_negative_float("rtol", rtol)
+        self.atol = non_negative_float("atol", atol)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError("cg needs rtol > 0 or atol > 0 to know when to stop.")
+        self.maxiter = positive_int("maxiter", maxiter)
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"Unknown cg preconditioner {preconditioner!r}; choose one of {list(PRECONDITIONERS)}.")
+        self.preconditioner = preconditioner
+        self.num_probes = positive_int("num_probes", num_probes)
+        self._inverse_diagonal: Tensor | None = None
+
+    def _fit(self) -> dict[str, Any]:
+        if self.preconditioner != "jacobi":
+            self._inverse_diagonal = None
+            return {}
+        diagonal = self._fitted().diagonal(self.num_probes) + self.regularization
+        floor = max(1e-6 * float(diagonal.abs().max()), torch.finfo(diagonal.dtype).tiny)
+        self._inverse_diagonal = 1.0 / diagonal.clamp_min(floor)
+        return {"preconditioner": "jacobi"}
+
+    def _precondition(self, residual: Tensor) -> Tensor:
+        return residual if self._inverse_diagonal is None else residual * self._inverse_diagonal
+
+    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        rhs_norm = rhs.norm(dim=1)
+        threshold = torch.clamp(self.rtol * rhs_norm, min=self.atol)
+        solution = torch.zeros_like(rhs)
+        residual = rhs.clone()
+        preconditioned = self._precondition(residual)
+        direction = preconditioned.clone()
+        residual_dot = (residual * preconditioned).sum(1)
+        active = residual.norm(dim=1) > threshold
+        iterations = 0
+        while bool(active.any()) and iterations < self.maxiter:
+            iterations += 1
+            rows = active.nonzero().squeeze(1)
+            d = direction[rows]
+            product = self.apply_damped(d)
+            curvature = (d * product).sum(1)
+            if bool((curvature <= 0).any()):
+                warnings.warn(
+                    "cg met a direction of non-positive curvature: H + λI is not positive definite, so cg may "
+                    "not converge. Increase hessian_regularization.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            step = residual_dot[rows] / curvature
+            solution[rows] += step.unsqueeze(1) * d
+            residual[rows] -= step.unsqueeze(1) * product
+            still = residual[rows].norm(dim=1) > threshold[rows]
+            new_preconditioned = self._precondition(residual[rows])
+            new_dot = (residual[rows] * new_preconditioned).sum(1)
+            direction[rows] = new_preconditioned + (new_dot / residual_dot[rows]).unsqueeze(1) * d
+            residual_dot[rows] = new_dot
+            active[rows] = still
+        relative = residual.norm(dim=1) / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
+        converged = not bool(active.any())
+        if not converged:
+            warnings.warn(
+                f"cg did not reach its tolerance on {int(active.sum())} of {rhs.shape[0]} right-hand sides in "
+                f"{self.maxiter} iterations (largest relative residual {float(relative.max()):.2e}); raise "
+                "maxiter, use preconditioner='jacobi', or increase hessian_regularization.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return solution, {
+            "iterations": iterations,
+            "converged": converged,
+            "max_relative_residual": float(relative.max()),
+            "mean_relative_residual": float(relative.mean()),
+        }

@@ -1,0 +1,200 @@
+"""A functional view of a module and its loss: per-example gradients, Hessian products, mixed derivatives.
+
+Parameters chosen for influence are handled as one flat vector θ ∈ ℝᵖ (the selected parameters in module
+order, each flattened); the other parameters and the buffers are held fixed. Every derivative is taken with
+`torch.func` on `functional_call`, so a batch is one vectorised call, never a loop over examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jvp, vmap
+from torch.utils._pytree import tree_map
+
+from .errors import NonFiniteError
+
+LossFn = Callable[[Any, Tensor], Tensor]
+
+
+def select_parameters(module: nn.Module, params: str | Sequence[str] | None) -> list[str]:
+    """Names of the trainable parameters chosen by `params`: exact names or glob patterns, None for all."""
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = trainable
+    else:
+        patterns = [params] if isinstance(params, str) else list(params)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
+        unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in trainable)]
+        if unmatched:
+            raise ValueError(
+                f"params {unmatched} match no trainable parameter; the module's trainable parameters are "
+                f"{trainable}."
+            )
+        chosen = [n for n in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if not chosen:
+        raise ValueError(
+            "The module has no trainable parameters to compute influence for (all have requires_grad=False)."
+        )
+    return chosen
+
+
+class TwiceDifferentiable:
+    """A module and a loss seen as functions of the selected parameters θ.
+
+    Args:
+        module: the trained model; its own device and dtype are used.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar *mean* loss of a batch, such as
+            ``torch.nn.functional.cross_entropy``. The per-example loss ℓ is this function on a batch of one.
+        params: names or glob patterns (``"fc.*"``) of the parameters to differentiate; None for all trainable.
+        chunk_size: examples per vectorised chunk in per-example computations (None: the whole batch). Smaller
+            bounds memory without changing results.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        params: str | Sequence[str] | None = None,
+        *,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+        self.module = module
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        self.param_names = select_parameters(module, params)
+        named = dict(module.named_parameters())
+        selected = [named[name] for name in self.param_names]
+        self.param_shapes = [p.shape for p in selected]
+        self.param_numels = [p.numel() for p in selected]
+        dtypes = {p.dtype for p in selected}
+        if len(dtypes) != 1:
+            raise TypeError(f"Selected parameters must share one dtype, found {sorted(map(str, dtypes))}.")
+        self.dtype: torch.dtype = selected[0].dtype
+        self.device: torch.device = selected[0].device
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """p, the number of scalar parameters influence is computed over."""
+        return sum(self.param_numels)
+
+    def flat_params(self) -> Tensor:
+        """The selected parameters, detached, as one vector θ of length p."""
+        named = dict(self.module.named_parameters())
+        return torch.cat([named[name].detach().reshape(-1) for name in self.param_names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a vector of length p into the selected parameters' shapes, keyed by name."""
+        pieces = torch.split(flat, self.param_numels)
+        return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
+
+    def _state(self, flat: Tensor) -> dict[str, Tensor]:
+        """All tensors `functional_call` needs: θ unflattened, the other parameters and the buffers fixed."""
+        chosen = set(self.param_names)
+        fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in chosen}
+        buffers = dict(self.module.named_buffers())
+        return {**fixed, **buffers, **self.unflatten(flat)}
+
+    # -- losses -------------------------------------------------------------------------------------------
+    def _batch_loss(self, flat: Tensor, inputs: Any, targets: Tensor) -> Tensor:
+        outputs = functional_call(self.module, self._state(flat), (inputs,))
+        return self.loss_fn(outputs, targets)
+
+    def _example_loss(self, flat: Tensor, inputs: Any, target: Tensor) -> Tensor:
+        add_batch_dim = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t  # noqa: E731
+        return self._batch_loss(flat, tree_map(add_batch_dim, inputs), target.unsqueeze(0))
+
+    def batch_loss(self, inputs: Any, targets: Tensor) -> Tensor:
+        """The mean loss of a batch at the current parameters, checked to be a scalar."""
+        try:
+            loss = self._batch_loss(self.flat_params(), inputs, targets)
+        except (RuntimeError, ValueError, IndexError) as error:
+            shapes = tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else t, (inputs, targets))
+            raise ValueError(
+                f"The model and loss could not be applied to a batch with (inputs, targets) shapes {shapes}: "
+                f"{error}. Check that the data matches the model's expected input and the loss's targets."
+            ) from error
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean'."
+            )
+        return loss
+
+    # -- first derivatives --------------------------------------------------------------------------------
+    def grad(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, shape [B, p], in one vmap (chunked by chunk_size)."""
+        per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)
+        return per_example(self.flat_params(), inputs, targets)
+
+    def batch_grad(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Gradient of the batch's mean loss, shape [p]."""
+        return grad(self._batch_loss)(self.flat_params(), inputs, targets)
+
+    # -- second derivatives -------------------------------------------------------------------------------
+    def batch_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
+        """Products of the batch's mean-loss Hessian with k vectors, [k, p] → [k, p], forward-over-reverse."""
+        flat = self.flat_params()
+        gradient = grad(self._batch_loss)
+
+        def hvp(vector: Tensor) -> Tensor:
+            return jvp(lambda theta: gradient(theta, inputs, targets), (flat,), (vector,))[1]
+
+        return vmap(hvp, chunk_size=self.chunk_size)(vectors)
+
+    def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
+        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only."""
+        return hessian(self._batch_loss)(self.flat_params(), inputs, targets)
+
+    def mixed_grad(self, inputs: Tensor, targets: Tensor, vectors: Tensor) -> Tensor:
+        """∇ₓ ⟨v, ∇θ ℓ(x, y, θ)⟩ for each of k vectors v and each example, shape [k, B, *x_shape].
+
+        The inner product is the directional derivative of ℓ along v (a forward-mode jvp in θ); its gradient
+        in the input is then one reverse pass. This is the perturbation influence of Koh & Liang.
+        """
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            raise TypeError("Perturbation influence needs floating-point tensor inputs to differentiate.")
+        flat = self.flat_params()
+
+        def directional(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+            return jvp(lambda theta: self._example_loss(theta, x, y), (flat,), (v,))[1]
+
+        over_examples = vmap(grad(directional), in_dims=(0, 0, None), chunk_size=self.chunk_size)
+        return vmap(over_examples, in_dims=(None, None, 0))(inputs, targets, vectors)
+
+    # -- state --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[TwiceDifferentiable]:
+        """Run in eval mode (dropout off, BatchNorm on running statistics) with grad enabled; restore after."""
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                yield self
+        finally:
+            for submodule, training in modes:
+                submodule.training = training
+
+
+def check_finite(tensor: Tensor, stage: str, batch: int | None = None) -> Tensor:
+    """Return `tensor`, or raise NonFiniteError naming the stage and batch when it holds NaN or Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            stage,
+            batch,
+            "Check the inputs of that batch, the trained weights, and the loss for overflow or log(0).",
+        )
+    return tensor
