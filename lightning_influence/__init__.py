@@ -1,5 +1,6 @@
 """Influence functions (Koh & Liang, 2017) for PyTorch models, on torch.func, with a Lightning callback."""
 
+from .callback import InfluenceCallback
 from .curvature import CurvatureOperator
 from .enums import InfluenceType, InversionMethod
 from .errors import InfluenceComputationError, NonFiniteError
@@ -11,6 +12,7 @@ from .functional import (
     compute_self_influences,
     fit_solver,
 )
+from .result import InfluenceResult
 from .reducer import DistributedReducer, LocalReducer, Reducer
 from .solvers import InverseHvpResult, Solver, make_solver
 from .twice_differentiable import TwiceDifferentiable
@@ -20,7 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator",
     "DistributedReducer",
+    "InfluenceCallback",
     "InfluenceComputationError",
+    "InfluenceResult",
     "InfluenceType",
     "InverseHvpResult",
     "InversionMethod",

@@ -1,0 +1,254 @@
+"""`InfluenceCallback`: influence functions when fitting ends, reported to the loggers and saved for reuse.
+
+A thin adapter: it finds the loss, the data (with dataset indices) and the processes, then hands plain
+arguments to `pipeline.compute_influence` and the result to `reports.write_reports`. No mathematics here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .distributed import Distribution, local_distribution
+from .enums import InfluenceType, InversionMethod
+from .pipeline import BatchTransform, IndexedData, compute_influence
+from .reports import write_reports
+from .result import InfluenceResult
+from .solvers import make_solver
+from .solvers.base import check_regularization, positive_int
+from .twice_differentiable import LossFn, TwiceDifferentiable
+
+OnError = Literal["raise", "warn"]
+
+
+def _resolve_callable(value: Callable[..., Any] | str | None, what: str) -> Callable[..., Any] | None:
+    """A callable, or one named by a string (a `torch.nn.functional` name or a dotted import path)."""
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be callable or the name of one, got {value!r}.")
+    if "." not in value:
+        found = getattr(torch.nn.functional, value, None)
+        if callable(found):
+            return found
+        raise ValueError(f"{what}={value!r} is not a function of torch.nn.functional; use a dotted path 'pkg.mod.fn'.")
+    module_name, _, attribute = value.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{what}={value!r} cannot be imported: {error}.") from error
+    if not callable(found):
+        raise TypeError(f"{what}={value!r} names {type(found).__name__}, which is not callable.")
+    return found
+
+
+def _check_indices(value: Sequence[int] | None, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    values = list(value)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ValueError(f"{what} must be a non-empty list of dataset indices (integers ≥ 0), got {value!r}.")
+    return values
+
+
+def distribution_for(trainer: pl.Trainer) -> Distribution:
+    """How this process shares the computation with the trainer's other processes."""
+    if trainer.world_size == 1:
+        return local_distribution()
+    from_trainer = getattr(Distribution, "from_trainer", None)
+    if from_trainer is None:
+        raise NotImplementedError(
+            f"The trainer runs {trainer.world_size} processes; this version computes influence in one process "
+            "only. Run the callback's compute() in a single-process Trainer."
+        )
+    return from_trainer(trainer)
+
+
+class InfluenceCallback(pl.Callback):
+    """Compute influence functions (Koh & Liang, 2017) of the training data on query examples when fit ends.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean loss, or the name of a
+            ``torch.nn.functional`` function or a dotted path. Default: the module's ``loss_fn`` or
+            ``criterion`` attribute.
+        query_data: a map-style Dataset or a DataLoader over one. Default: the trainer's validation data.
+        num_queries: use the first ``num_queries`` query examples (None: all). Ignored with ``query_indices``.
+        query_indices: dataset indices of the query examples.
+        training_data: a Dataset or DataLoader. Default: the dataset behind the trainer's train dataloader,
+            read in dataset order (never the shuffled order).
+        batch_transform: maps a collated batch to ``(inputs, targets)`` when it is not a tuple, list or dict
+            with known keys (a callable or a dotted path).
+        method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ...).
+        method_kwargs: the method's options, e.g. ``{"rank": 50}`` for arnoldi or ``{"rtol": 1e-4}`` for cg.
+        hessian_regularization: λ ≥ 0 in (H + λI); at least the weight decay the loss leaves out.
+        influence_type: ``up`` ([M, N] scores) or ``perturbation`` (also ∇ₓ of them, [M, N, *x_shape]).
+        params: names or glob patterns of the parameters to use (e.g. ``"head.*"``); None for all trainable.
+        self_influence: also compute self-influence of every training example (finds mislabelled data).
+        top_k: helpful/harmful examples reported per query.
+        batch_size: examples per batch in every pass over the data.
+        save_dir: where the tensors and report files go. Default: ``<trainer.log_dir>/influence``.
+        progress: show progress bars. Default: follow the trainer's progress bar.
+        on_error: ``raise`` to propagate a failure of the influence computation, ``warn`` to warn and let the
+            run finish; either way training's checkpoints and logs are left intact.
+        compute_on_fit_end: run in ``on_fit_end``; set False to call ``compute(trainer, module)`` yourself.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss_fn: Callable[..., Any] | str | None = None,
+        query_data: Dataset | DataLoader | None = None,
+        num_queries: int | None = 8,
+        query_indices: Sequence[int] | None = None,
+        training_data: Dataset | DataLoader | None = None,
+        batch_transform: BatchTransform | str | None = None,
+        method: str = "cg",
+        method_kwargs: dict[str, Any] | None = None,
+        hessian_regularization: float = 0.01,
+        influence_type: str = "up",
+        params: str | Sequence[str] | None = None,
+        self_influence: bool = False,
+        top_k: int = 5,
+        batch_size: int = 64,
+        save_dir: str | os.PathLike[str] | None = None,
+        progress: bool | None = None,
+        on_error: OnError = "raise",
+        compute_on_fit_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
+        self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
+        self.method = InversionMethod.parse(method)
+        if method_kwargs is not None and not isinstance(method_kwargs, dict):
+            raise TypeError(f"method_kwargs must be a dict of the method's options, got {method_kwargs!r}.")
+        self.method_kwargs = dict(method_kwargs or {})
+        make_solver(self.method, **self.method_kwargs)  # unknown or invalid options fail now, not after training
+        self.hessian_regularization = check_regularization(hessian_regularization)
+        self.influence_type = InfluenceType.parse(influence_type)
+        if params is not None and not (isinstance(params, str) or all(isinstance(p, str) for p in params)):
+            raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
+        self.params = params
+        self.num_queries = positive_int("num_queries", num_queries, allow_none=True)
+        self.query_indices = _check_indices(query_indices, "query_indices")
+        self.top_k = positive_int("top_k", top_k)
+        self.batch_size = positive_int("batch_size", batch_size)
+        for name, flag in (("self_influence", self_influence), ("compute_on_fit_end", compute_on_fit_end)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}.")
+        self.self_influence = self_influence
+        self.compute_on_fit_end = compute_on_fit_end
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None (follow the trainer), got {progress!r}.")
+        self.progress = progress
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}.")
+        self.on_error = on_error
+        if save_dir is not None:
+            if not isinstance(save_dir, (str, os.PathLike)):
+                raise TypeError(f"save_dir must be a path, got {save_dir!r}.")
+            if Path(save_dir).exists() and not Path(save_dir).is_dir():
+                raise NotADirectoryError(f"save_dir {str(save_dir)!r} is a file, not a folder; pass a folder path.")
+        self.save_dir = save_dir
+        self.query_data = None if query_data is None else self._indexed(query_data, "query_data")
+        self.training_data = None if training_data is None else self._indexed(training_data, "training_data")
+        self.result: InfluenceResult | None = None
+
+    def _indexed(self, data: Any, name: str) -> IndexedData:
+        return IndexedData(data, batch_transform=self.batch_transform, name=name)
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.compute_on_fit_end:
+            self.compute(trainer, pl_module)
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult | None:
+        """Compute, save and report influence for `pl_module` as trained by `trainer`; the result (also kept in
+        `self.result`), or None when it failed and `on_error='warn'`."""
+        try:
+            with torch.random.fork_rng(devices=[]):  # leave the user's random stream as it was
+                self.result = self._compute(trainer, pl_module)
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"The influence computation failed ({type(error).__name__}: {error}). Training, its checkpoints and "
+                "logs are unaffected; on_error='warn' let the run finish.",
+                category=RuntimeWarning,
+            )
+            return None
+        return self.result
+
+    # -- steps --------------------------------------------------------------------------------------------
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult:
+        distribution = distribution_for(trainer)
+        model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params)
+        training = self.training_data
+        if training is None:
+            training = self._indexed(self._trainer_data(trainer, "train"), "training_data")
+        query = self.query_data
+        if query is None:
+            query = self._indexed(self._trainer_data(trainer, "val"), "query_data")
+        if self.top_k > len(training):
+            raise ValueError(f"top_k={self.top_k} is larger than the number of training examples N={len(training)}.")
+        query_indices = self.query_indices
+        if query_indices is None and self.num_queries is not None:
+            query_indices = list(range(min(self.num_queries, len(query))))
+        folder = Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "influence"
+        progress = self.progress if self.progress is not None else trainer.progress_bar_callback is not None
+        with torch.inference_mode(False), torch.enable_grad():
+            result = compute_influence(
+                model, training, query, save_dir=folder, query_indices=query_indices, method=self.method,
+                method_kwargs=self.method_kwargs, hessian_regularization=self.hessian_regularization,
+                influence_type=self.influence_type, self_influence=self.self_influence, batch_size=self.batch_size,
+                progress=progress, distribution=distribution,
+            )
+        if distribution.is_global_zero:
+            write_reports(result, train_data=training, query_data=query, top_k=self.top_k, folder=folder / "report",
+                          loggers=trainer.loggers, step=trainer.global_step)
+        distribution.barrier()
+        return result
+
+    def _loss(self, pl_module: nn.Module) -> LossFn:
+        forward = getattr(type(pl_module), "forward", None)
+        if forward in (nn.Module.forward, pl.LightningModule.forward):
+            raise TypeError(
+                f"{type(pl_module).__name__} does not define forward(inputs); influence calls the module as "
+                "module(inputs) and passes the outputs to loss_fn(outputs, targets). Define forward."
+            )
+        if self.loss_fn is not None:
+            return self.loss_fn
+        for name in ("loss_fn", "criterion"):
+            found = getattr(pl_module, name, None)
+            if callable(found):
+                return found
+        raise AttributeError(
+            f"{type(pl_module).__name__} has no callable `loss_fn` or `criterion` attribute; pass "
+            "InfluenceCallback(loss_fn=...) returning the batch mean loss, e.g. loss_fn='cross_entropy'."
+        )
+
+    @staticmethod
+    def _trainer_data(trainer: pl.Trainer, stage: Literal["train", "val"]) -> Any:
+        """The trainer's training or first validation dataloader (falling back to the datamodule's)."""
+        loaders = trainer.train_dataloader if stage == "train" else trainer.val_dataloaders
+        if loaders is None and trainer.datamodule is not None:
+            loaders = getattr(trainer.datamodule, f"{stage}_dataloader")()
+        if isinstance(loaders, (list, tuple)) and loaders:
+            loaders = loaders[0]
+        argument = "training_data" if stage == "train" else "query_data"
+        if loaders is None:
+            where = "training" if stage == "train" else "validation"
+            raise ValueError(f"The trainer has no {where} dataloader to take data from; pass {argument}=... .")
+        if not isinstance(loaders, DataLoader):
+            raise TypeError(
+                f"The trainer's {stage} data is a {type(loaders).__name__}, not one DataLoader; pass {argument}=... ."
+            )
+        return loaders
