@@ -55,10 +55,22 @@ class CurvatureOperator:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def distributed(self) -> bool:
+        """Whether sums are combined with other processes (whose shards may hold what this one lacks)."""
+        return not isinstance(self.reducer, LocalReducer)
+
     def batches(self, desc: str) -> Iterable[tuple[int, Any, Tensor]]:
-        """This process's training batches on the model's device."""
+        """This process's training batches on the model's device (possibly none when distributed: the global
+        count is checked after reduction)."""
         return iterate_batches(
-            self.training_data, self.device, self.dtype, name="training_data", progress=self.progress, desc=desc
+            self.training_data,
+            self.device,
+            self.dtype,
+            name="training_data",
+            progress=self.progress,
+            desc=desc,
+            allow_empty=self.distributed,
         )
 
     def _reduce_mean(self, total: Tensor, count: int, stage: str) -> Tensor:
@@ -87,10 +99,21 @@ class CurvatureOperator:
         """H v for one vector of length p."""
         return self.matmat(vector.unsqueeze(0)).squeeze(0)
 
-    def batch_matmat(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
-        """Hb V with Hb the Hessian of one batch's mean loss (a stochastic estimate of H V), reduced."""
-        product = check_finite(self.model.batch_hvp(inputs, targets, vectors), "Hessian-vector products")
-        return self.reducer.sum(product)
+    def batch_matmat(self, inputs: Any, targets: Tensor | None, vectors: Tensor) -> Tensor:
+        """Hb V with Hb the Hessian of one batch's mean loss (a stochastic estimate of H V).
+
+        Across processes every process passes its own batch (or `inputs=None` when its shard has none) and the
+        result is the Hessian of the mean loss over the union of those batches, the same on every process.
+        """
+        if inputs is None:
+            product, size = torch.zeros_like(vectors), 0
+        else:
+            product = check_finite(self.model.batch_hvp(inputs, targets, vectors), "Hessian-vector products")
+            size = batch_size(inputs)
+        if not self.distributed:
+            return product
+        count = self.reducer.sum(torch.tensor(float(size), dtype=torch.float64, device=self.device))
+        return self.reducer.sum(size * product) / count.clamp_min(1).item()
 
     def dense(self) -> Tensor:
         """The explicit Hessian H, [p, p], summed batch by batch; for small p only."""

@@ -98,10 +98,12 @@ def iterate_batches(
     name: str,
     progress: bool = False,
     desc: str | None = None,
+    allow_empty: bool = False,
 ) -> Iterator[tuple[int, Any, torch.Tensor]]:
     """Yield (batch index, inputs, targets) on the model's device; refuse an empty loader by `name`.
 
-    `desc` labels the progress bar (default: `name`).
+    `desc` labels the progress bar (default: `name`). `allow_empty` accepts a loader without batches: one
+    process's shard may be empty when the data is split across processes.
     """
     if isinstance(loader, (torch.Tensor, str, bytes)) or not isinstance(loader, Iterable):
         raise TypeError(
@@ -113,5 +115,5 @@ def iterate_batches(
         inputs, targets = split_batch(batch)
         empty = False
         yield index, to_model(inputs, device, dtype), to_model(targets, device, dtype)
-    if empty:
+    if empty and not allow_empty:
         raise ValueError(f"{name} yielded no batches; pass a DataLoader over a non-empty dataset.")

@@ -19,6 +19,8 @@ class ArnoldiSolver(Solver, method="arnoldi"):
     Directions outside the subspace are left out (the projection variant of Schioppa et al., 2022).
     """
 
+    collective_solve = False
+
     def __init__(self, rank: int = 10, krylov_dimension: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.rank = positive_int("rank", rank)

@@ -31,6 +31,9 @@ class Solver(ABC):
 
     registry: ClassVar[dict[InversionMethod, type[Solver]]] = {}
     method: ClassVar[InversionMethod]
+    #: Whether `solve` makes passes over the training data (reduced across processes), so that every process
+    #: must solve the same block at the same time. False for methods that solve from what `fit` stored.
+    collective_solve: ClassVar[bool] = True
 
     def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -19,6 +19,8 @@ class DirectSolver(Solver, method="direct"):
     names the smallest eigenvalue and a regularisation that would make the matrix positive definite.
     """
 
+    collective_solve = False
+
     def __init__(self, eigen_rtol: float = 1e-10) -> None:
         super().__init__()
         if not 0 <= eigen_rtol < 1:

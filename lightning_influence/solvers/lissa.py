@@ -86,7 +86,14 @@ class LissaSolver(Solver, method="lissa"):
 
 
 def _cycle(operator: Any):
-    """Endless (inputs, targets) batches from the operator's training data, restarting each epoch."""
+    """Endless (inputs, targets) batches from the operator's training data, restarting each epoch.
+
+    A process whose shard holds no batches yields (None, None): it still takes part in every reduced product.
+    """
     while True:
+        empty = True
         for _, inputs, targets in operator.batches("lissa batches"):
+            empty = False
             yield inputs, targets
+        if empty:
+            yield None, None
