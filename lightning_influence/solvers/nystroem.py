@@ -1,0 +1,130 @@
+"""Randomised Nyström approximation of the curvature (Tropp et al., 2017; Frangella et al., 2023).
+
+With a Gaussian test matrix Ω [p, r] (orthonormalised) and Y = H Ω — one pass over the data for all r
+vectors — the Nyström approximation is Ĥ = Y (Ωᵀ Y)⁺ Yᵀ = U diag(Λ) Uᵀ (computed stably with a small shift ν).
+`power_iterations=q` replaces Ω by an orthonormal basis of H^q Ω first (q more passes), which sharpens the
+captured subspace. The regularised inverse is taken by the Woodbury identity:
+
+    (Ĥ + λI)⁻¹ = U diag(1/(Λ + λ)) Uᵀ + (I − U Uᵀ) / (μ + λ),
+
+where μ is the curvature assigned to the directions the sketch did not capture: 0 (`complement="damping"`,
+the plain regularised inverse) or the mean eigenvalue left over, (trace(H) − ΣΛ) / (p − r)
+(`complement="trace"`, trace(H) by Hutchinson's estimator, one more batched pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Solver, positive_int, work_dtype
+
+COMPLEMENTS = ("trace", "damping")
+
+
+def complement_curvature(operator: Any, eigenvalues: Tensor, num_probes: int, seed: int) -> float:
+    """(trace(H) − Σ kept eigenvalues) / (p − r), clipped at 0: the mean curvature outside a kept subspace."""
+    p, rank = operator.num_params, eigenvalues.numel()
+    if rank >= p:
+        return 0.0
+    trace = float(operator.diagonal(num_probes, seed=seed).double().sum())
+    return max(0.0, (trace - float(eigenvalues.clamp_min(0).sum())) / (p - rank))
+
+
+class NystroemSolver(Solver, method="nystroem"):
+    """(Ĥ + λI)⁻¹ with Ĥ a rank-`rank` randomised Nyström approximation of H; exact when rank = p."""
+
+    collective_solve = False
+
+    def __init__(
+        self,
+        rank: int = 50,
+        power_iterations: int = 1,
+        complement: str = "trace",
+        num_probes: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.rank = positive_int("rank", rank)
+        if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 0:
+            raise ValueError(f"power_iterations must be an integer ≥ 0, got {power_iterations!r}.")
+        self.power_iterations = power_iterations
+        if complement not in COMPLEMENTS:
+            raise ValueError(f"complement must be one of {list(COMPLEMENTS)}, got {complement!r}.")
+        self.complement = complement
+        self.num_probes = positive_int("num_probes", num_probes)
+        self.seed = seed
+        self._eigenvalues: Tensor | None = None
+        self._eigenvectors: Tensor | None = None
+        self._complement = 0.0
+
+    def _fit(self) -> dict[str, Any]:
+        operator = self._fitted()
+        dtype = work_dtype(operator.device)
+        p = operator.num_params
+        rank = min(self.rank, p)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        omega = torch.linalg.qr(torch.randn(p, rank, generator=generator, dtype=dtype).to(operator.device)).Q
+        product = operator.matmat(omega.T.to(operator.dtype)).to(dtype).T  # Y = H Ω, [p, r]
+        for _ in range(self.power_iterations):
+            omega = torch.linalg.qr(product).Q
+            product = operator.matmat(omega.T.to(operator.dtype)).to(dtype).T
+        eigenvalues, eigenvectors = nystroem_factors(omega, product)
+        self._eigenvalues, self._eigenvectors = eigenvalues, eigenvectors
+        self._complement = 0.0
+        if self.complement == "trace":
+            self._complement = complement_curvature(operator, eigenvalues, self.num_probes, self.seed)
+        return {
+            "rank": rank,
+            "top_eigenvalue": float(eigenvalues.max()),
+            "min_kept_eigenvalue": float(eigenvalues.min()),
+            "complement_eigenvalue": self._complement,
+        }
+
+    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        assert self._eigenvectors is not None and self._eigenvalues is not None
+        vectors = self._eigenvectors
+        block = rhs.to(vectors.dtype)
+        coefficients = block @ vectors  # [M, r]
+        inside = (coefficients / (self._eigenvalues + self.regularization)) @ vectors.T
+        if vectors.shape[1] >= vectors.shape[0]:
+            return inside.to(rhs.dtype), {}
+        complement = self._complement + self.regularization
+        if complement <= 0:
+            raise ValueError("nystroem with rank < p needs hessian_regularization > 0 (or complement='trace').")
+        outside = (block - coefficients @ vectors.T) / complement
+        return (inside + outside).to(rhs.dtype), {}
+
+    def preconditioner(self) -> tuple[Tensor, Tensor, float]:
+        """(U, Λ, μ): the fitted low-rank factors and complement curvature, for preconditioning."""
+        assert self._eigenvectors is not None and self._eigenvalues is not None
+        return self._eigenvectors, self._eigenvalues, self._complement
+
+
+def nystroem_factors(omega: Tensor, product: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs (Λ [r], U [p, r]) of the Nyström approximation Y (Ωᵀ Y)⁺ Yᵀ, with Ω orthonormal.
+
+    The stable recipe shifts by ν = eps · ‖Y‖: Y_ν = Y + νΩ, C = chol(Ωᵀ Y_ν), B = Y_ν C⁻ᵀ, B = U Σ Vᵀ,
+    Λ = max(Σ² − ν, 0). Where H is indefinite and Ωᵀ Y_ν is not positive definite, the core W is
+    eigendecomposed instead and Y W⁺ Yᵀ is kept with its negative eigenvalues (exact at rank = p).
+    """
+    eps = torch.finfo(product.dtype).eps
+    shift = eps * float(torch.linalg.matrix_norm(product, ord=2)) * product.shape[0] ** 0.5
+    shifted = product + shift * omega
+    core = omega.T @ shifted
+    core = (core + core.T) / 2
+    factor, status = torch.linalg.cholesky_ex(core)
+    if int(status) == 0:
+        b = torch.linalg.solve_triangular(factor, shifted.T, upper=False).T  # Y_ν C⁻ᵀ
+        u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
+        return (sigma**2 - shift).clamp_min(0), u
+    values, vectors = torch.linalg.eigh(core)
+    keep = values.abs() > eps * values.abs().max() * core.shape[0]
+    # Y W⁺ Yᵀ = Z diag(sign w) Zᵀ with Z = Y V |w|^(-1/2); Z = QR gives the eigenpairs from a small r × r matrix.
+    z = shifted @ (vectors[:, keep] / values[keep].abs().sqrt())
+    q, r = torch.linalg.qr(z)
+    small = r @ (values[keep].sign().unsqueeze(1) * r.T)
+    small_values, small_vectors = torch.linalg.eigh((small + small.T) / 2)
+    return small_values - shift, q @ small_vectors
