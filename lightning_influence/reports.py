@@ -180,6 +180,17 @@ def query_grid(report: QueryReport, query_input: Any, train: dict[int, tuple[Any
     return image_grid(tiles)
 
 
+def self_influence_grid(rows: Sequence[Row], train: dict[int, tuple[Any, str]], limit: int = 10) -> np.ndarray | None:
+    """The training images of highest self-influence with their (possibly wrong) labels; None if not images."""
+    tiles = []
+    for row in rows[:limit]:
+        image = as_image(train[row.train_index][0])
+        if image is None:
+            return None
+        tiles.append((image, f"#{row.train_index} y={row.label}\n{row.score:.2e}", "harmful"))
+    return image_grid(tiles) if tiles else None
+
+
 def _png(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -227,6 +238,7 @@ def write_reports(
     folder.mkdir(parents=True, exist_ok=True)
     reports, self_rows, train, queries = build_tables(result, train_data, query_data, top_k)
     grids = {r.position: query_grid(r, queries[r.query_index][0], train) for r in reports}
+    self_grid = self_influence_grid(self_rows, train)
 
     markdown = "\n\n".join([query_markdown(r) for r in reports] + ([self_influence_markdown(self_rows)] if self_rows else []))
     atomic_write_text(folder / "influence.md", markdown + "\n")
@@ -241,10 +253,12 @@ def write_reports(
     for position, grid in grids.items():
         if grid is not None:
             atomic_write_bytes(folder / f"query_{position:03d}.png", _png(grid))
+    if self_grid is not None:
+        atomic_write_bytes(folder / "self_influence.png", _png(self_grid))
 
     numbers = scalars(result)
     for logger in loggers:
-        _report_to_logger(logger, result, reports, self_rows, grids, numbers, step)
+        _report_to_logger(logger, result, reports, self_rows, grids, self_grid, numbers, step)
     return folder
 
 
@@ -254,6 +268,7 @@ def _report_to_logger(
     reports: Sequence[QueryReport],
     self_rows: Sequence[Row],
     grids: dict[int, np.ndarray | None],
+    self_grid: np.ndarray | None,
     numbers: dict[str, float],
     step: int,
 ) -> None:
@@ -271,6 +286,8 @@ def _report_to_logger(
             for position, grid in grids.items():
                 if grid is not None:
                     experiment.add_image(f"{TAG}/query_{position:03d}", grid, step, dataformats="HWC")
+            if self_grid is not None:
+                experiment.add_image(f"{TAG}/self_influence", self_grid, step, dataformats="HWC")
         if callable(getattr(experiment, "add_histogram", None)):
             experiment.add_histogram(f"{TAG}/scores", torch.as_tensor(result.scores).flatten(), step)
             if result.self_influence is not None:

@@ -89,7 +89,7 @@ def test_tensorboard_tables_name_the_functional_api_top_indices(image_run):
 def test_tensorboard_images_histograms_and_scalars(image_run):
     trainer, _, callback, _, _ = image_run
     tags = events(trainer.logger.log_dir).Tags()
-    assert tags["images"] == [f"influence/query_{q:03d}" for q in range(3)]
+    assert tags["images"] == [f"influence/query_{q:03d}" for q in range(3)] + ["influence/self_influence"]
     assert {"influence/scores", "influence/self_influence"} <= set(tags["histograms"])
     assert {"influence/total_seconds", "influence/num_train", "influence/self_influence_max"} <= set(tags["scalars"])
     assert {"train_loss", "val_loss"} <= set(tags["scalars"])  # training's own logs are still there
@@ -105,7 +105,8 @@ def test_files_on_disk_beside_the_tensors(image_run):
     assert torch.equal(loaded.scores, callback.result.scores)
     assert torch.equal(loaded.self_influence, callback.result.self_influence)
     report = folder / "report"
-    assert sorted(p.name for p in report.glob("*.png")) == ["query_000.png", "query_001.png", "query_002.png"]
+    assert sorted(p.name for p in report.glob("*.png")) == ["query_000.png", "query_001.png", "query_002.png",
+                                                             "self_influence.png"]
     rows = (report / "top_influence.csv").read_text().splitlines()
     assert rows[0] == "query,query_index,query_label,kind,rank,train_index,train_label,score"
     first_helpful = [r for r in rows[1:] if r.startswith("0,0,") and ",helpful,1," in r][0]

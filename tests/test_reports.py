@@ -94,11 +94,12 @@ def test_tables_on_disk_list_positive_helpful_and_negative_harmful(tmp_path):
 def test_image_grids_as_png(tmp_path):
     train, queries = _data(images=True)
     write_reports(_result(), train_data=train, query_data=queries, top_k=2, folder=tmp_path)
-    grid = Image.open(tmp_path / "query_000.png")
-    # query 0: the query, 2 helpful and 2 harmful tiles
-    assert grid.size[0] > 5 * grid.size[1] * 0.7 and grid.mode == "RGB"
-    grid1 = Image.open(tmp_path / "query_001.png")
-    assert grid1.size[0] < grid.size[0]  # query 1 has no harmful example, so fewer tiles
+    tile = 96 + 4  # pixels per tile and gap
+    widths = {name: Image.open(tmp_path / name).size[0] for name in ("query_000.png", "query_001.png",
+                                                                      "self_influence.png")}
+    # query 0: the query, 2 helpful and 2 harmful; query 1 has no harmful example; self-influence: the top 2
+    assert widths == {"query_000.png": 5 * tile + 4, "query_001.png": 3 * tile + 4, "self_influence.png": 2 * tile + 4}
+    assert Image.open(tmp_path / "query_000.png").mode == "RGB"
 
 
 def test_each_logger_gets_what_it_supports(tmp_path):
@@ -114,7 +115,7 @@ def test_each_logger_gets_what_it_supports(tmp_path):
     assert rich.logged == plain.logged
     assert rich.experiment.calls == [
         ("text", "influence/query_000"), ("text", "influence/query_001"), ("text", "influence/self_influence"),
-        ("image", "influence/query_000"), ("image", "influence/query_001"),
+        ("image", "influence/query_000"), ("image", "influence/query_001"), ("image", "influence/self_influence"),
         ("histogram", "influence/scores"), ("histogram", "influence/self_influence"), ("flush", ""),
     ]
 
