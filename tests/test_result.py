@@ -154,3 +154,17 @@ def test_a_crash_while_saving_keeps_the_previous_result(problem, tmp_path, monke
         changed.save(path)
     _assert_same(first, InfluenceResult.load(path))
     assert sorted(p.name for p in path.parent.iterdir()) == ["run", "saved"]  # no staging folder left behind
+
+
+def test_perturbation_influence_is_stored_and_equals_the_functional_api(problem, tmp_path):
+    from lightning_influence import compute_influences_pert
+
+    module, x, y = problem
+    result = _result(problem, tmp_path / "run", influence_type="perturbation", self_influence=False)
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    factors = compute_influence_factors(model, loader(x, y), loader(x[:6], y[:6]), "direct", hessian_perturbation=0.01)
+    expected = compute_influences_pert(model, loader(x, y), factors)
+    assert result.perturbation.shape == (6, 60, 5)
+    torch.testing.assert_close(result.perturbation, expected, rtol=1e-9, atol=1e-12)
+    loaded = InfluenceResult.load(tmp_path / "run" / "result")
+    assert torch.equal(loaded.perturbation, result.perturbation) and loaded.metadata["influence_type"] == "perturbation"
