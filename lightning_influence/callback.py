@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .distributed import Distribution, local_distribution
+from .distributed import Distribution, refuse_unsupported_strategy
 from .enums import InfluenceType, InversionMethod
 from .pipeline import BatchTransform, IndexedData, compute_influence
 from .reports import write_reports
@@ -61,16 +61,9 @@ def _check_indices(value: Sequence[int] | None, what: str) -> list[int] | None:
 
 
 def distribution_for(trainer: pl.Trainer) -> Distribution:
-    """How this process shares the computation with the trainer's other processes."""
-    if trainer.world_size == 1:
-        return local_distribution()
-    from_trainer = getattr(Distribution, "from_trainer", None)
-    if from_trainer is None:
-        raise NotImplementedError(
-            f"The trainer runs {trainer.world_size} processes; this version computes influence in one process "
-            "only. Run the callback's compute() in a single-process Trainer."
-        )
-    return from_trainer(trainer)
+    """How this process shares the computation with the trainer's other processes: the plain local path for
+    one process, the strategy's process group under DDP; parameter-sharding strategies are refused."""
+    return Distribution.from_trainer(trainer)
 
 
 class InfluenceCallback(pl.Callback):
@@ -166,6 +159,9 @@ class InfluenceCallback(pl.Callback):
         return IndexedData(data, batch_transform=self.batch_transform, name=name)
 
     # -- hooks --------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_unsupported_strategy(trainer.strategy)  # before training, not after it
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compute_on_fit_end:
             self.compute(trainer, pl_module)
@@ -211,10 +207,10 @@ class InfluenceCallback(pl.Callback):
                 influence_type=self.influence_type, self_influence=self.self_influence, batch_size=self.batch_size,
                 progress=progress, distribution=distribution,
             )
-        if distribution.is_global_zero:
-            write_reports(result, train_data=training, query_data=query, top_k=self.top_k, folder=folder / "report",
-                          loggers=trainer.loggers, step=trainer.global_step)
-        distribution.barrier()
+        with distribution.stage("reports"):  # written once, by global rank zero
+            if distribution.is_global_zero:
+                write_reports(result, train_data=training, query_data=query, top_k=self.top_k,
+                              folder=folder / "report", loggers=trainer.loggers, step=trainer.global_step)
         return result
 
     def _loss(self, pl_module: nn.Module) -> LossFn:

@@ -228,20 +228,28 @@ class Distribution:
         start = sum(lengths[: self.rank])
         return InverseHvpResult(result.x[start : start + rhs.shape[0]], result.info)
 
+    def solve_shared(self, solver: Solver, rhs: Tensor) -> InverseHvpResult:
+        """(H + λI)⁻¹ for every row of `rhs` [M, p], the same block on every process; the result on every process.
+
+        Iterative solvers (whose reduced Hessian products need every process on the same vectors) solve the
+        whole block on every process; the others (direct, arnoldi) solve a share of the rows each, then gather.
+        """
+        if not self.is_distributed or solver.collective_solve:
+            return solver.solve(rhs)
+        positions = self.shard(range(rhs.shape[0]))
+        local = self.solve(solver, rhs[positions])
+        rows, _ = self.gather_rows_by_index(local.x, torch.tensor(positions, dtype=torch.int64))
+        return InverseHvpResult(rows, local.info)
+
     def influence_factors(self, solver: Solver, rhs: Tensor, indices: Tensor) -> tuple[InverseHvpResult, Tensor]:
         """Factors s = (H + λI)⁻¹ ∇ℓ(z_query) for all M queries, [M, p] sorted by query index, on every process,
         from this process's share of query gradients `rhs` [m_local, p] and their query `indices` [m_local].
 
-        Each process computes the gradients of its share only. Direct and arnoldi then solve their share and
-        the factors are gathered; iterative solvers gather the gradients and all solve the whole block, since
-        their reduced Hessian products need every process on the same vectors.
+        Each process computes the gradients of its share only (`shard` of the query indices); they are gathered
+        and solved with `solve_shared`.
         """
-        if self.is_distributed and solver.collective_solve:
-            rhs, indices = self.gather_rows_by_index(rhs, indices)
-            return solver.solve(rhs), indices
-        local = self.solve(solver, rhs)
-        factors, indices = self.gather_rows_by_index(local.x, indices)
-        return InverseHvpResult(factors, local.info), indices
+        rows, indices = self.gather_rows_by_index(rhs, indices)
+        return self.solve_shared(solver, rows), indices
 
     def scores(
         self, model: TwiceDifferentiable, training_data: Iterable[Any], factors: Tensor, *, progress: bool = False
@@ -304,7 +312,7 @@ class Distribution:
         failed = flags.nonzero().squeeze(1).tolist()
         if not failed:
             return
-        message = f"{type(error).__name__}: {error}" if error is not None else None
+        message = f"{type(error).__name__} in stage {name!r}: {error}" if error is not None else None
         messages: list[str | None] = [None] * self.world_size
         torch.distributed.all_gather_object(messages, message, group=self.control_group)
         stage_error = DistributedStageError(name, failed, {rank: str(messages[rank]) for rank in failed})
@@ -313,9 +321,10 @@ class Distribution:
         raise stage_error
 
     def barrier(self) -> None:
-        """Wait for every process (nothing to wait for with one)."""
-        if self.is_distributed:
-            torch.distributed.barrier(group=self.control_group)
+        """Wait for every process (nothing to wait for with one). It is an empty `stage`: a process that fails
+        in a stage while the others wait here makes them raise instead of waiting for ever."""
+        with self.stage("barrier"):
+            pass
 
 
 def _gradient_blocks(model: TwiceDifferentiable, data: Iterable[Any], progress: bool) -> Iterator[Tensor]:

@@ -31,7 +31,7 @@ from .distributed import Distribution, local_distribution
 from .enums import InfluenceType, InversionMethod
 from .functional import fit_solver
 from .result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
-from .scoring import perturbation_score_blocks, self_influence_blocks, stacked_gradients, up_score_blocks
+from .scoring import perturbation_score_blocks, stacked_gradients
 from .solvers import Solver, make_solver
 from .solvers.base import check_regularization, positive_int
 from .storage import (
@@ -281,16 +281,17 @@ def compute_influence(
     train_indices = training_data.check_indices(train_indices, "train_indices")
     query_indices = query_data.check_indices(query_indices, "query_indices")
     folder = Path(save_dir)
-    if distribution.is_global_zero:
-        check_writable_folder(folder)
-    distribution.barrier()
+    with distribution.stage("checking save_dir"):
+        if distribution.is_global_zero:
+            check_writable_folder(folder)
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
     shard = distribution.shard(train_indices)
     with model.evaluating():
         clock = time.perf_counter()
-        rhs = stacked_gradients(model, query_data.loader(query_indices, batch_size), name="query_data")
+        with distribution.stage("query gradients"):  # each process takes a share of the queries
+            rhs = _query_gradients(model, query_data, query_indices, batch_size, distribution)
         timings["query_gradients_seconds"] = time.perf_counter() - clock
         fingerprint = _fingerprint(
             model, method=method.value, options=options, hessian_regularization=regularization,
@@ -322,35 +323,61 @@ def compute_influence(
         stored = run.load_factors()
         resumed = stored is not None
         if stored is None:
-            solution = fitted().solve(rhs)
-            factors, info = solution.x.contiguous(), to_jsonable(solution.info)
-            run.save_factors(factors, info)
+            with distribution.stage("influence factors"):
+                solution = distribution.solve_shared(fitted(), rhs)
+                factors, info = solution.x.contiguous(), to_jsonable(solution.info)
+                run.save_factors(factors, info)
         else:
             factors, info = stored
             factors = factors.to(device=model.device, dtype=model.dtype)
 
         stages: list[tuple[str, int, Callable[[Iterable[Any]], Tensor]]] = [
-            ("scores", 1, lambda data: torch.cat(list(up_score_blocks(model, data, factors)), dim=1)),
+            ("scores", 1, lambda data: distribution.scores(model, data, factors)),
         ]
         if kind is InfluenceType.perturbation:
             stages.append(
                 ("perturbation", 1, lambda data: torch.cat(list(perturbation_score_blocks(model, data, factors)), 1))
             )
         if self_influence:
-            stages.append(
-                ("self_influence", 0, lambda data: torch.cat(list(self_influence_blocks(model, data, fitted()))))
-            )
+            stages.append(("self_influence", 0, lambda data: distribution.self_influences(model, data, fitted())))
         chunks = [shard[start : start + chunk_size] for start in range(0, len(shard), chunk_size)]
+        if self_influence and distribution.is_distributed:
+            # Fitting is collective: every process fits if any still has self-influence chunks to compute.
+            missing = sum(not run.done("self_influence", c) for c in range(len(chunks)))
+            if float(distribution.reducer.sum(torch.tensor(float(missing), dtype=torch.float64,
+                                                           device=model.device))) > 0:
+                fitted()
+        # Iterative solvers solve self-influence blocks together, so processes take chunk positions in lockstep
+        # (a process with fewer or finished chunks joins with an empty one); the largest shard is rank zero's.
+        lockstep = distribution.is_distributed and Solver.registry[method].collective_solve
+        num_positions = -(-(-(-len(train_indices) // distribution.world_size)) // chunk_size)
         local: dict[str, Tensor] = {}
         for stage, axis, score in stages:
             clock = time.perf_counter()
             todo = [c for c in range(len(chunks)) if not run.done(stage, c)]
             resumed = resumed or len(todo) < len(chunks)
-            for chunk in progress_bar(todo, progress, f"Influence: {stage.replace('_', '-')}"):
-                run.save_chunk(stage, chunk, score(training_data.loader(chunks[chunk], batch_size)))
-                if on_chunk is not None:
-                    on_chunk(stage, chunk, len(chunks))
-            local[stage] = run.load_stage(stage, len(chunks), axis)
+            with distribution.stage(stage.replace("_", "-")):
+                if lockstep and stage == "self_influence":
+                    for chunk in progress_bar(range(num_positions), progress, "Influence: self-influence"):
+                        mine = chunk in todo
+                        wanted = distribution.reducer.sum(torch.tensor(float(mine), dtype=torch.float64,
+                                                                       device=model.device))
+                        if float(wanted) == 0:
+                            continue
+                        block = score(training_data.loader(chunks[chunk] if mine else [], batch_size))
+                        if mine:
+                            run.save_chunk(stage, chunk, block)
+                            if on_chunk is not None:
+                                on_chunk(stage, chunk, len(chunks))
+                else:
+                    for chunk in progress_bar(todo, progress, f"Influence: {stage.replace('_', '-')}"):
+                        run.save_chunk(stage, chunk, score(training_data.loader(chunks[chunk], batch_size)))
+                        if on_chunk is not None:
+                            on_chunk(stage, chunk, len(chunks))
+                if chunks:
+                    local[stage] = run.load_stage(stage, len(chunks), axis) if chunks else _empty(stage, rhs, query_data)
+                else:  # an empty shard (fewer training examples than processes)
+                    local[stage] = _empty_stage(stage, model, factors, query_data, query_indices)
             timings[f"{stage}_seconds"] = time.perf_counter() - clock
 
     positions = torch.tensor(shard, dtype=torch.long)
@@ -380,11 +407,47 @@ def compute_influence(
         self_influence=None if self_values is None else self_values.cpu(), metadata=metadata,
         perturbation=None if perturbation is None else perturbation.cpu(),
     )
-    if distribution.is_global_zero:
-        result.save(result_dir)
-        shutil.rmtree(run.folder, ignore_errors=True)
-    distribution.barrier()
+    with distribution.stage("saving the result"):  # written once, by global rank zero
+        if distribution.is_global_zero:
+            result.save(result_dir)
+            shutil.rmtree(run.folder, ignore_errors=True)
     return result
+
+
+def _query_gradients(model: TwiceDifferentiable, query_data: IndexedData, query_indices: Sequence[int],
+                     batch_size: int, distribution: Distribution) -> Tensor:
+    """Gradients of all queries [M, p] in `query_indices` order on every process; each process computes the
+    share `distribution.shard` gives it (all of them with one process)."""
+    positions = distribution.shard(range(len(query_indices)))
+    if positions:
+        mine = [query_indices[i] for i in positions]
+        rhs = stacked_gradients(model, query_data.loader(mine, batch_size), name="query_data")
+    else:
+        rhs = torch.zeros(0, model.num_params, dtype=model.dtype, device=model.device)
+    if not distribution.is_distributed:
+        return rhs
+    return distribution.gather_rows_by_index(rhs, torch.tensor(positions, dtype=torch.long))[0]
+
+
+def _empty_stage(stage: str, model: TwiceDifferentiable, factors: Tensor, query_data: IndexedData,
+                 query_indices: Sequence[int]) -> Tensor:
+    """What a stage gives for a process without training examples: no columns, the right trailing shape."""
+    if stage == "self_influence":
+        return torch.zeros(0, dtype=model.dtype, device=model.device)
+    if stage == "perturbation":
+        inputs, _ = query_data.examples(query_indices[:1])
+        return factors.new_zeros(factors.shape[0], 0, *inputs.shape[1:])
+    return factors.new_zeros(factors.shape[0], 0)
+
+
+def _empty(stage: str, rhs: Tensor, query_data: IndexedData) -> Tensor:
+    """This process's share of a stage when its shard holds no training example (more processes than data)."""
+    if stage == "self_influence":
+        return rhs.new_zeros(0)
+    if stage == "perturbation":
+        inputs, _ = query_data.examples([0])
+        return rhs.new_zeros(rhs.shape[0], 0, *inputs.shape[1:])
+    return rhs.new_zeros(rhs.shape[0], 0)
 
 
 def _index_digest(indices: Sequence[int]) -> str:

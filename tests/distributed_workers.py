@@ -124,6 +124,15 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
             results["local_failure"] = "no error"
         except DistributedStageError as error:
             results["local_failure"] = str(error)
+        try:
+            if rank == 0:
+                with distribution.stage("writing"):
+                    raise OSError("disk full")
+            else:
+                distribution.barrier()
+            results["barrier_failure"] = "no error"
+        except DistributedStageError as error:
+            results["barrier_failure"] = str(error)
         # A failure inside a collective stage: rank 1 breaks before its first Hessian product, rank 0 is left in
         # the all-reduce until the short timeout releases it; both then raise.
         short = Distribution.from_process_group(timeout=datetime.timedelta(seconds=3))

@@ -61,7 +61,7 @@ def two_process_run(tmp_path_factory):
     launch(functional_body, (str(directory / "init"), str(directory)), deadline_s=150)
     ranks = [torch.load(directory / f"rank{r}.pt") for r in range(2)]
     model = make_model(state)
-    train_loader, query_loader = loader(x, y, BATCH), loader(xq, yq, BATCH)
+    train_loader, query_loader = loader(x, y, N_TRAIN), loader(xq, yq, BATCH)  # one batch: a different sum order
     reference = {}
     for method, options in METHODS:
         solver = fit_solver(model, train_loader, method, hessian_regularization=REGULARIZATION, **options)
@@ -100,7 +100,10 @@ def test_a_failure_on_one_rank_raises_on_every_rank(two_process_run):
     ranks, _ = two_process_run
     for results in ranks:
         assert "'scoring' failed on rank(s) [1]" in results["local_failure"]
-        assert "ValueError: a broken batch on rank 1" in results["local_failure"]
+        assert "ValueError in stage 'scoring': a broken batch on rank 1" in results["local_failure"]
+        # Rank 0 failed while writing; rank 1 waited at a barrier and was told instead of waiting for ever.
+        assert "failed on rank(s) [0]" in results["barrier_failure"]
+        assert "OSError in stage 'writing': disk full" in results["barrier_failure"]
         # Rank 0 was inside an all-reduce when rank 1 failed: released by the 3 s timeout, not left hanging.
         assert "'inversion' failed on rank(s)" in results["collective_failure"]
         assert "out of memory on rank 1" in results["collective_failure"]
