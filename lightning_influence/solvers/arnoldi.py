@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Solver, positive_int, work_dtype
+from .base import Solver, positive_int, spectrum_report, work_dtype
 
 
 class ArnoldiSolver(Solver, method="arnoldi"):
@@ -41,21 +40,8 @@ class ArnoldiSolver(Solver, method="arnoldi"):
         order = ritz_values.abs().argsort(descending=True)[:rank]
         self._eigenvalues = ritz_values[order]
         self._eigenvectors = basis.T @ ritz_vectors[:, order]  # [p, rank]
-        damped = self._eigenvalues + self.regularization
-        if bool((damped <= 0).any()):
-            smallest = float(self._eigenvalues.min())
-            warnings.warn(
-                f"The Hessian has an eigenvalue {smallest:.3e} ≤ −λ in the rank-{rank} subspace: H + λI is not "
-                f"positive definite there. Use a hessian_regularization above {-smallest:.3g}.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return {
-            "rank": rank,
-            "krylov_dimension": dimension,
-            "top_eigenvalue": float(self._eigenvalues.abs().max()),
-            "min_kept_eigenvalue": float(self._eigenvalues.min()),
-        }
+        report = spectrum_report(self._eigenvalues, self.regularization, operator.dtype, complete=rank == p)
+        return {"rank": rank, "krylov_dimension": dimension, **report}
 
     def _lanczos(self, dimension: int) -> tuple[Tensor, Tensor]:
         """Orthonormal Krylov basis Q [k, p] (rows) and T = Q H Qᵀ [k, k] in the work dtype."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
 
@@ -52,12 +53,25 @@ class Solver(ABC):
         names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
         return {name: getattr(self, name) for name in names}
 
-    def fit(self, operator: CurvatureOperator, regularization: float = 0.0) -> Solver:
-        """Prepare to solve with (H + λI) for the operator's H and λ = `regularization` ≥ 0."""
-        self.regularization = check_regularization(regularization)
+    def fit(self, operator: CurvatureOperator, regularization: float | str = 0.0) -> Solver:
+        """Prepare to solve with (H + λI) for the operator's H and λ = `regularization` ≥ 0.
+
+        `regularization="auto"` takes λ = AUTO_DAMPING_FRACTION · trace(H)/p (a fraction of the mean
+        eigenvalue; trace by Hutchinson's estimator for large p) and records the choice in the info.
+        """
+        regularization = check_regularization(regularization)
         self.operator = operator
         start = time.perf_counter()
-        self.fit_info = self._fit() or {}
+        damping_info: dict[str, Any] = {"regularization_source": "given"}
+        if regularization == "auto":
+            mean_eigenvalue = float(operator.diagonal().mean())
+            regularization = AUTO_DAMPING_FRACTION * abs(mean_eigenvalue)
+            damping_info = {
+                "regularization_source": f"auto: {AUTO_DAMPING_FRACTION:g} × trace(H)/p",
+                "mean_eigenvalue_estimate": mean_eigenvalue,
+            }
+        self.regularization = float(regularization)
+        self.fit_info = {**damping_info, **(self._fit() or {})}
         self.fit_info["fit_seconds"] = time.perf_counter() - start
         self.fit_info["hessian_passes"] = operator.passes
         return self
@@ -107,12 +121,64 @@ class Solver(ABC):
         """Solve for a block [M, p] of right-hand sides; return the block and convergence facts."""
 
 
-def check_regularization(value: float) -> float:
+#: λ = AUTO_DAMPING_FRACTION × (mean eigenvalue of H) when hessian_regularization="auto".
+AUTO_DAMPING_FRACTION = 0.1
+
+
+def check_regularization(value: float | str) -> float | str:
+    """λ as a float ≥ 0, or the string "auto"; anything else is refused with what to pass instead."""
+    if value == "auto":
+        return "auto"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"hessian_regularization must be a non-negative number, got {value!r}.")
+        raise TypeError(f"hessian_regularization must be a number ≥ 0 or 'auto', got {value!r}.")
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"hessian_regularization must be finite and ≥ 0, got {value!r}.")
     return float(value)
+
+
+def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dtype, *, complete: bool) -> dict:
+    """Facts about the eigenvalues of H that a solver saw, with warnings where influence becomes unreliable.
+
+    Warns when H + λI is not positive definite, when it is ill-conditioned for `dtype` (only when the spectrum
+    is `complete`; a low-rank method sees the top of it alone), and when λ exceeds the largest eigenvalue, so
+    that damping swamps the curvature and scores reduce to gradient similarity. Each warning names the
+    smallest eigenvalue and a hessian_regularization that would fix it.
+    """
+    smallest, largest = float(eigenvalues.min()), float(eigenvalues.abs().max())
+    info: dict[str, Any] = {"min_eigenvalue": smallest, "max_eigenvalue": float(eigenvalues.max())}
+    damped_min = smallest + regularization
+    if damped_min <= 0:
+        info["suggested_regularization"] = -smallest + 1e-3 * largest
+        warnings.warn(
+            f"H + λI is not positive definite (smallest eigenvalue {smallest:.3e} with λ = {regularization:g}): "
+            "influence of an indefinite Hessian is unreliable. A hessian_regularization of about "
+            f"{info['suggested_regularization']:.3g} makes it positive definite.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    elif complete:
+        condition = (largest + regularization) / damped_min
+        info["condition_number"] = condition
+        limit = 1e-2 / torch.finfo(dtype).eps
+        if condition > limit:
+            info["suggested_regularization"] = 100 * largest / limit
+            warnings.warn(
+                f"H + λI is ill-conditioned for {dtype} (condition number {condition:.2e}, smallest eigenvalue "
+                f"{smallest:.3e} with λ = {regularization:g}): scores may be dominated by rounding. A "
+                f"hessian_regularization of about {info['suggested_regularization']:.3g} brings the condition "
+                f"number near {limit / 100:.0e}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    if largest > 0 and regularization > largest:
+        warnings.warn(
+            f"hessian_regularization λ = {regularization:g} exceeds the largest eigenvalue of H ({largest:.3e}): "
+            "the damping swamps the curvature and influence reduces to gradient similarity. Use a λ well below "
+            "the largest eigenvalue (e.g. 'auto').",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return info
 
 
 def positive_int(name: str, value: Any, allow_none: bool = False) -> Any:

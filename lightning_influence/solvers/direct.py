@@ -8,15 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Solver, work_dtype
+from .base import Solver, spectrum_report, work_dtype
 
 
 class DirectSolver(Solver, method="direct"):
     """Exact (H + λI)⁻¹ via the explicit p × p Hessian; for models with at most a few thousand parameters.
 
     Cholesky when H + λI is positive definite. Otherwise the symmetric eigendecomposition is used, with
-    eigenvalues of magnitude below `eigen_rtol` · max |eigenvalue| left out (a pseudo-inverse), and a warning
-    names the smallest eigenvalue and a regularisation that would make the matrix positive definite.
+    eigenvalues of magnitude below `eigen_rtol` · max |eigenvalue| left out (a pseudo-inverse). The spectrum of
+    H is always computed for the report: warnings name the smallest eigenvalue and a regularisation that
+    fixes an indefinite or ill-conditioned matrix, or a λ that swamps the curvature.
     """
 
     collective_solve = False
@@ -33,31 +34,21 @@ class DirectSolver(Solver, method="direct"):
         operator = self._fitted()
         dtype = work_dtype(operator.device)
         hessian = operator.dense().to(dtype)
-        matrix = (hessian + hessian.T) / 2 + self.regularization * torch.eye(
-            operator.num_params, dtype=dtype, device=operator.device
-        )
+        hessian = (hessian + hessian.T) / 2
+        report = spectrum_report(torch.linalg.eigvalsh(hessian), self.regularization, operator.dtype, complete=True)
+        matrix = hessian + self.regularization * torch.eye(operator.num_params, dtype=dtype, device=operator.device)
         factor, status = torch.linalg.cholesky_ex(matrix)
         if int(status) == 0:
             self._cholesky, self._eigen = factor, None
-            return {"factorization": "cholesky"}
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-        self._cholesky, self._eigen = None, (eigenvalues, eigenvectors)
-        smallest = float(eigenvalues[0])
-        suggestion = self.regularization - smallest + 1e-3 * float(eigenvalues.abs().max())
+            return {"factorization": "cholesky", **report}
+        self._cholesky, self._eigen = None, torch.linalg.eigh(matrix)
         warnings.warn(
-            f"H + λI is not positive definite (smallest eigenvalue {smallest:.3e} with λ = "
-            f"{self.regularization:g}); solving with an eigendecomposition pseudo-inverse instead. Influence of an "
-            f"indefinite Hessian is unreliable: a hessian_regularization of about {suggestion:.3g} makes it "
-            "positive definite.",
+            "direct: Cholesky failed, so H + λI is solved with an eigendecomposition pseudo-inverse "
+            f"(eigenvalues below {self.eigen_rtol:g} × the largest in magnitude are left out).",
             RuntimeWarning,
             stacklevel=3,
         )
-        return {
-            "factorization": "eigh",
-            "min_eigenvalue": smallest,
-            "max_eigenvalue": float(eigenvalues[-1]),
-            "suggested_regularization": suggestion,
-        }
+        return {"factorization": "eigh", **report}
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         columns = rhs.T.to(work_dtype(rhs.device))
