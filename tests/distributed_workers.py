@@ -26,6 +26,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("arnoldi", {"rank": 8}),
 ]
 REGULARIZATION = 0.01
+LISSA = {"maxiter": 40, "rtol": 1e-30, "scale": 20.0}  # a fixed number of steps
 BATCH = 8
 
 
@@ -116,6 +117,13 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
                 results[f"{key}/self_indices"] = self_indices
                 results[f"{key}/N"] = solver.operator.num_examples
                 results[f"{key}/seconds"] = time.monotonic() - case_started
+        # LiSSA steps on the union of the ranks' batches: with strided shards of batch 8 that union is the
+        # one-process batch of 16 (examples 0-15, 16-31, 32-36), so the iterates match one process's exactly.
+        lissa = fit_solver(
+            model, shard_loader(train, shards["strided"]), "lissa", hessian_regularization=REGULARIZATION,
+            reducer=distribution.reducer, **LISSA,
+        )
+        results["lissa/factors"] = lissa.solve(stacked_gradients(model, DataLoader(queries), name="queries")).x
         # A failure outside collectives on rank 1 surfaces on both ranks at the end of the stage.
         try:
             with distribution.stage("scoring"):

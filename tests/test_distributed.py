@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_workers import BATCH, METHODS, REGULARIZATION, functional_body, launch, make_model
+from distributed_workers import BATCH, LISSA, METHODS, REGULARIZATION, functional_body, launch, make_model
 from helpers import classification_data, fitted, linear_model, loader
 
 from lightning_influence import compute_influence_factors, compute_influences_up, compute_self_influences, fit_solver
 from lightning_influence.distributed import Distribution
+from lightning_influence.scoring import stacked_gradients
 
 N_TRAIN, N_QUERIES = 37, 5  # odd on purpose: two shards of 19 and 18; queries split 3 and 2
 
@@ -73,6 +74,9 @@ def two_process_run(tmp_path_factory):
             "scores": compute_influences_up(model, train_loader, factors),
             "self": compute_self_influences(model, train_loader, solver),
         }
+    lissa = fit_solver(model, loader(x, y, 2 * BATCH), "lissa", hessian_regularization=REGULARIZATION, **LISSA)
+    with pytest.warns(RuntimeWarning, match="lissa did not reach"):  # a fixed number of steps on purpose
+        reference["lissa"] = lissa.solve(stacked_gradients(model, loader(xq, yq, 1), name="queries")).x
     return ranks, reference
 
 
@@ -94,6 +98,12 @@ def test_two_gloo_processes_give_the_one_process_answer(two_process_run, case, m
         torch.testing.assert_close(results[f"{key}/self"], expected["self"], rtol=1e-7, atol=1e-9)
     # Every rank holds the same gathered result.
     torch.testing.assert_close(ranks[0][f"{case}/{method}/scores"], ranks[1][f"{case}/{method}/scores"])
+
+
+def test_lissa_steps_on_the_union_of_the_ranks_batches(two_process_run):
+    ranks, reference = two_process_run
+    for results in ranks:
+        torch.testing.assert_close(results["lissa/factors"], reference["lissa"], rtol=1e-9, atol=1e-12)
 
 
 def test_a_failure_on_one_rank_raises_on_every_rank(two_process_run):
