@@ -2,6 +2,7 @@
 
 from .callback import InfluenceCallback
 from .curvature import CurvatureOperator
+from .distributed import DistributedStageError, Distribution
 from .enums import InfluenceType, InversionMethod
 from .errors import InfluenceComputationError, NonFiniteError
 from .functional import (
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator",
     "DistributedReducer",
+    "DistributedStageError",
+    "Distribution",
     "InfluenceCallback",
     "InfluenceComputationError",
     "InfluenceResult",
