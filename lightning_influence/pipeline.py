@@ -375,7 +375,7 @@ def compute_influence(
                         if on_chunk is not None:
                             on_chunk(stage, chunk, len(chunks))
                 if chunks:
-                    local[stage] = run.load_stage(stage, len(chunks), axis) if chunks else _empty(stage, rhs, query_data)
+                    local[stage] = run.load_stage(stage, len(chunks), axis)
                 else:  # an empty shard (fewer training examples than processes)
                     local[stage] = _empty_stage(stage, model, factors, query_data, query_indices)
             timings[f"{stage}_seconds"] = time.perf_counter() - clock
@@ -438,16 +438,6 @@ def _empty_stage(stage: str, model: TwiceDifferentiable, factors: Tensor, query_
         inputs, _ = query_data.examples(query_indices[:1])
         return factors.new_zeros(factors.shape[0], 0, *inputs.shape[1:])
     return factors.new_zeros(factors.shape[0], 0)
-
-
-def _empty(stage: str, rhs: Tensor, query_data: IndexedData) -> Tensor:
-    """This process's share of a stage when its shard holds no training example (more processes than data)."""
-    if stage == "self_influence":
-        return rhs.new_zeros(0)
-    if stage == "perturbation":
-        inputs, _ = query_data.examples([0])
-        return rhs.new_zeros(rhs.shape[0], 0, *inputs.shape[1:])
-    return rhs.new_zeros(rhs.shape[0], 0)
 
 
 def _index_digest(indices: Sequence[int]) -> str:
