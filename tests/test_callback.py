@@ -314,3 +314,31 @@ def test_batch_transform_maps_other_batch_shapes(fitted_run, tmp_path):
                       batch_transform=lambda b: (b[0][0], b[1]["label"]), save_dir=tmp_path)
     plain = _compute(fitted_run, save_dir=tmp_path / "plain")
     torch.testing.assert_close(result.scores, plain.scores, rtol=0, atol=0)
+
+
+def test_configured_from_a_lightning_cli_yaml(tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  accelerator: cpu\n  max_epochs: 1\n  logger: false\n  enable_checkpointing: false\n"
+        f"  default_root_dir: {tmp_path}\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_influence.InfluenceCallback\n"
+        "      init_args:\n"
+        "        loss_fn: cross_entropy\n        method: arnoldi\n        method_kwargs: {rank: 3}\n"
+        "        hessian_regularization: 0.1\n        num_queries: 2\n        params: ['net.2.*']\n"
+        "        self_influence: true\n        on_error: warn\n        top_k: 2\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = LightningCLI(Classifier, run=False, args=["--config", str(config)], save_config_callback=None)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCallback)]
+    assert callback.loss_fn is F.cross_entropy and callback.method.value == "arnoldi"
+    assert callback.method_kwargs == {"rank": 3} and callback.params == ["net.2.*"]
+    assert (callback.hessian_regularization, callback.num_queries, callback.self_influence) == (0.1, 2, True)
+    x, y = blobs(32)
+    cli.trainer.fit(cli.model, *loaders(x, y, *blobs(6, seed=1)))
+    assert callback.result.scores.shape == (2, 32) and callback.result.self_influence.shape == (32,)
+    assert callback.result.metadata["options"]["rank"] == 3
