@@ -57,21 +57,23 @@ def body(rank: int, world_size: int, threads: int, workdir: str, args: argparse.
         dist.init_process_group("gloo", init_method=f"file://{folder / f'init-{label}'}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(minutes=10))
         distribution = Distribution.from_process_group()
-    best = float("inf")
+    best, cpu = float("inf"), float("inf")
     for repeat in range(args.repeats):
         distribution.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = compute_influence(
             model, IndexedData(train), IndexedData(queries), save_dir=folder / f"{label}-{repeat}",
             method=args.method, method_kwargs={"rtol": 1e-6} if args.method == "cg" else {},
             hessian_regularization=0.01, self_influence=False, batch_size=args.batch_size,
             distribution=distribution,
         )
+        cpu = min(cpu, time.process_time() - cpu_start)
         distribution.barrier()
         best = min(best, time.perf_counter() - start)
+    cpu_per_rank = distribution.all_gather_rows(torch.tensor([cpu], dtype=torch.float64)).tolist()
     if distribution.is_global_zero:
         torch.save({"seconds": best, "scores": result.scores, "info": result.metadata["convergence"],
-                    "stages": result.metadata["timings"]},
+                    "stages": result.metadata["timings"], "cpu": cpu_per_rank},
                    folder / f"{label}.pt")
     if world_size > 1:
         dist.destroy_process_group()
@@ -116,9 +118,12 @@ def main() -> None:
     baseline = runs["1 process x 1 thread"]["seconds"]
     for label, found in runs.items():
         extra = f", {found['info'].get('iterations')} cg iterations" if args.method == "cg" else ""
-        print(f"  {label:24s} {found['seconds']:7.2f} s   speed-up {baseline / found['seconds']:.2f}x{extra}")
+        cpu = " + ".join(f"{value:.2f}" for value in found["cpu"])
+        print(f"  {label:24s} {found['seconds']:7.2f} s wall   speed-up {baseline / found['seconds']:.2f}x   "
+              f"CPU s per process {cpu}{extra}")
     print(f"  two-process scores vs one-process: relative error {error:.1e} (float32, cg rtol 1e-6)")
     print(f"  1-minute load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine)")
+    print("  (a process's CPU seconds below its wall seconds: it waited for a core or for the other process)")
 
 
 if __name__ == "__main__":
