@@ -8,6 +8,9 @@ import torch
 from torch import Tensor
 
 from .base import Solver, positive_int, spectrum_report, work_dtype
+from .nystroem import complement_curvature
+
+ARNOLDI_COMPLEMENTS = ("none", "damping", "trace")
 
 
 class ArnoldiSolver(Solver, method="arnoldi"):
@@ -15,13 +18,29 @@ class ArnoldiSolver(Solver, method="arnoldi"):
 
     A Krylov basis of `krylov_dimension` vectors (default min(p, 2·rank + 10)) is built with one Hessian pass per
     vector, eigenpairs of the small tridiagonal matrix give the Ritz pairs. At rank = p the inverse is exact.
-    Directions outside the subspace are left out (the projection variant of Schioppa et al., 2022).
+    `complement` says what happens to the directions outside the kept eigenvectors V: `"none"` leaves them out
+    (the projection variant of Schioppa et al., 2022); `"damping"` gives them curvature 0, i.e. 1/λ (the
+    Woodbury form of (V diag(θ) Vᵀ + λI)⁻¹); `"trace"` gives them the mean eigenvalue left over,
+    μ = (trace(H) − Σθ) / (p − rank) with trace(H) by Hutchinson's estimator (`num_probes` vectors, one batched
+    pass): x = V diag(1/(θ + λ)) Vᵀ b + (b − V Vᵀ b) / (μ + λ).
     """
 
     collective_solve = False
 
-    def __init__(self, rank: int = 10, krylov_dimension: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        rank: int = 10,
+        krylov_dimension: int | None = None,
+        seed: int = 0,
+        complement: str = "none",
+        num_probes: int = 64,
+    ) -> None:
         super().__init__()
+        if complement not in ARNOLDI_COMPLEMENTS:
+            raise ValueError(f"complement must be one of {list(ARNOLDI_COMPLEMENTS)}, got {complement!r}.")
+        self.complement = complement
+        self.num_probes = positive_int("num_probes", num_probes)
+        self._complement: float | None = None
         self.rank = positive_int("rank", rank)
         self.krylov_dimension = positive_int("krylov_dimension", krylov_dimension, allow_none=True)
         if krylov_dimension is not None and krylov_dimension < rank:
@@ -41,7 +60,13 @@ class ArnoldiSolver(Solver, method="arnoldi"):
         self._eigenvalues = ritz_values[order]
         self._eigenvectors = basis.T @ ritz_vectors[:, order]  # [p, rank]
         report = spectrum_report(self._eigenvalues, self.regularization, operator.dtype, complete=rank == p)
-        return {"rank": rank, "krylov_dimension": dimension, **report}
+        self._complement = None
+        if self.complement == "damping" and rank < p:
+            self._complement = 0.0
+        elif self.complement == "trace" and rank < p:
+            self._complement = complement_curvature(operator, self._eigenvalues, self.num_probes, self.seed)
+        extra = {} if self._complement is None else {"complement_eigenvalue": self._complement}
+        return {"rank": rank, "krylov_dimension": dimension, **report, **extra}
 
     def _lanczos(self, dimension: int) -> tuple[Tensor, Tensor]:
         """Orthonormal Krylov basis Q [k, p] (rows) and T = Q H Qᵀ [k, k] in the work dtype."""
@@ -79,5 +104,12 @@ class ArnoldiSolver(Solver, method="arnoldi"):
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         assert self._eigenvectors is not None and self._eigenvalues is not None
         vectors = self._eigenvectors
-        coefficients = rhs.to(vectors.dtype) @ vectors / (self._eigenvalues + self.regularization)
-        return (coefficients @ vectors.T).to(rhs.dtype), {}
+        block = rhs.to(vectors.dtype)
+        projections = block @ vectors
+        solution = (projections / (self._eigenvalues + self.regularization)) @ vectors.T
+        if self._complement is not None:
+            damped = self._complement + self.regularization
+            if damped <= 0:
+                raise ValueError(f"arnoldi complement={self.complement!r} needs hessian_regularization > 0.")
+            solution = solution + (block - projections @ vectors.T) / damped
+        return solution.to(rhs.dtype), {}
