@@ -13,17 +13,40 @@ import torch
 from torch import Tensor
 
 from .data import iterate_batches
+from .layers import LayerStructure
 from .solvers import Solver
 from .twice_differentiable import TwiceDifferentiable, check_finite
+
+
+def layer_structure(model: TwiceDifferentiable) -> LayerStructure | None:
+    """The per-layer fast path when every selected parameter is in an nn.Linear/nn.Conv2d, else None.
+
+    Per-example gradients are then outer products δ aᵀ from one batched forward and reverse pass instead of a
+    vmap (equal to float tolerance). Set ``model.layer_gradients = False`` to force the vmap path.
+    """
+    if not getattr(model, "layer_gradients", True) or not LayerStructure.supports(model):
+        return None
+    return LayerStructure(model)
+
+
+def _example_gradients(model: TwiceDifferentiable, structure: LayerStructure | None, inputs: Any, targets: Any) -> Tensor:
+    if structure is not None:
+        try:
+            return structure.example_gradients(inputs, targets)
+        except RuntimeError:  # e.g. a layer used twice per forward: the outer-product form does not hold
+            model.layer_gradients = False  # type: ignore[attr-defined]
+    return model.grad(inputs, targets)
 
 
 def gradients(
     model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
 ) -> Iterator[tuple[int, Tensor]]:
     """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p], checked finite."""
+    structure = layer_structure(model)
     for index, inputs, targets in iterate_batches(data, model.device, model.dtype, name=name, progress=progress):
         model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
-        yield index, check_finite(model.grad(inputs, targets), f"per-example gradients of {name}", index)
+        block = _example_gradients(model, structure, inputs, targets)
+        yield index, check_finite(block, f"per-example gradients of {name}", index)
 
 
 def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False) -> Tensor:
