@@ -124,6 +124,14 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
             reducer=distribution.reducer, **LISSA,
         )
         results["lissa/factors"] = lissa.solve(stacked_gradients(model, DataLoader(queries), name="queries")).x
+        # LiSSA's "auto" acceleration is decided by all ranks together: one batch per rank is the full batch
+        # (accelerated, as one process with one batch); 2 batches on rank 0 and 1 on rank 1 is not, on both.
+        full_rhs = stacked_gradients(model, DataLoader(queries), name="queries")
+        for name, batch in (("one_batch_each", 19), ("uneven_batches", 18)):
+            loader = DataLoader(Subset(train, shards["strided"]), batch_size=batch)
+            solver = fit_solver(model, loader, "lissa", hessian_regularization=REGULARIZATION,
+                                reducer=distribution.reducer, maxiter=40, rtol=1e-30)
+            results[f"lissa_{name}/factors"] = solver.solve(full_rhs).x
         # A failure outside collectives on rank 1 surfaces on both ranks at the end of the stage.
         try:
             with distribution.stage("scoring"):

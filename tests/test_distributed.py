@@ -77,6 +77,9 @@ def two_process_run(tmp_path_factory):
     lissa = fit_solver(model, loader(x, y, 2 * BATCH), "lissa", hessian_regularization=REGULARIZATION, **LISSA)
     with pytest.warns(RuntimeWarning, match="lissa did not reach"):  # a fixed number of steps on purpose
         reference["lissa"] = lissa.solve(stacked_gradients(model, loader(xq, yq, 1), name="queries")).x
+    full_batch = fit_solver(model, train_loader, "lissa", hessian_regularization=REGULARIZATION, maxiter=40,
+                            rtol=1e-30)
+    reference["lissa_one_batch"] = full_batch.solve(stacked_gradients(model, loader(xq, yq, 1), name="q")).x
     return ranks, reference
 
 
@@ -104,6 +107,17 @@ def test_lissa_steps_on_the_union_of_the_ranks_batches(two_process_run):
     ranks, reference = two_process_run
     for results in ranks:
         torch.testing.assert_close(results["lissa/factors"], reference["lissa"], rtol=1e-9, atol=1e-12)
+
+
+def test_lissa_takes_the_same_branch_on_every_rank(two_process_run):
+    ranks, reference = two_process_run
+    for results in ranks:  # one batch per rank: the whole training set each step, accelerated like one process
+        torch.testing.assert_close(results["lissa_one_batch_each/factors"], reference["lissa_one_batch"],
+                                   rtol=1e-7, atol=1e-10)
+    # Two batches on rank 0, one on rank 1: neither accelerates alone (which would leave the other waiting).
+    torch.testing.assert_close(ranks[0]["lissa_uneven_batches/factors"], ranks[1]["lissa_uneven_batches/factors"],
+                               rtol=0, atol=0)
+    assert torch.isfinite(ranks[0]["lissa_uneven_batches/factors"]).all()
 
 
 def test_a_failure_on_one_rank_raises_on_every_rank(two_process_run):

@@ -70,7 +70,7 @@ class LissaSolver(Solver, method="lissa"):
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         lower = self.regularization + self.dampen * self._scale
-        single_batch = loader_length(self._fitted().training_data) == 1
+        single_batch = _single_batch(self._fitted())
         accelerate = self.acceleration == "chebyshev" or (self.acceleration == "auto" and single_batch)
         if accelerate and 0 < lower < self._scale:
             return self._solve_chebyshev(rhs, lower)
@@ -146,6 +146,15 @@ class LissaSolver(Solver, method="lissa"):
             "max_relative_change": relative_change,
             "acceleration": "chebyshev",
         }
+
+
+def _single_batch(operator: Any) -> bool:
+    """Whether every step sees the whole training set: one batch, or across processes at most one per process
+    (decided by all of them together, so that every process takes the same branch)."""
+    length = loader_length(operator.training_data)
+    several = length is None or length > 1 or (length == 0 and not operator.distributed)
+    flag = operator.reducer.sum(torch.tensor(float(several), dtype=torch.float64, device=operator.device))
+    return float(flag) == 0
 
 
 def _cycle(operator: Any):
