@@ -1,0 +1,358 @@
+"""Benchmark: our inversion methods against the peers' on the same trained models, in one process run.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--threads N] [--problems a b] [--no-peers]
+
+Problem (a): 64-32-10 tanh MLP on scikit-learn's digits, weight decay 1e-3 = λ; accuracy is the Pearson
+correlation over the whole [M, N] score matrix against an exact float64 reference (explicit Hessian by
+torch.func.hessian, torch.linalg.solve), written here independently of the engine. Problem (b): a synthetic
+101k-parameter MLP, ≥ 20k training examples, 100 queries; accuracy is the Pearson correlation with our own
+CG run to a tight tolerance. Peers (pyDVL, captum, kronfluence) are optional (`pip install -e ".[bench]"`);
+missing ones are reported with the import error. Peak memory is the largest increase of the process's resident
+memory (CPU, sampled every 5 ms) or of allocated device memory (CUDA) during a method, above its start.
+Scores of peers with the opposite sign convention are compared by |Pearson|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, vmap
+
+sys.path.insert(0, os.path.dirname(__file__))
+from problems import Problem, digits_problem, synthetic_problem  # noqa: E402
+
+from lightning_influence import TwiceDifferentiable, compute_influence_factors, compute_influences_up  # noqa: E402
+from lightning_influence.scoring import stacked_gradients  # noqa: E402
+
+
+# -- measurement ---------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Largest increase of resident memory (CPU) or allocated memory (CUDA) while the block runs, in bytes."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._start = self._rss()
+        self._stop = threading.Event()
+        self._max = self._start
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._max = max(self._max, self._rss())
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._max, self._rss()) - self._start
+
+
+def timed(device: str, fn: Callable[[], Tensor]) -> tuple[Tensor | None, float, int, str]:
+    """(scores, seconds, peak bytes, error) of one method run."""
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        try:
+            scores = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            error = ""
+        except Exception as exc:  # a peer that fails is reported, not fatal
+            scores, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            traceback.print_exc(limit=3, file=sys.stderr)
+        seconds = time.perf_counter() - start
+    return scores, seconds, memory.peak, error
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    stacked = torch.stack([a.detach().double().flatten().cpu(), b.detach().double().flatten().cpu()])
+    return float(torch.corrcoef(stacked)[0, 1])
+
+
+# -- exact float64 reference, independent of the engine ------------------------------------------------------
+def exact_scores(problem: Problem) -> Tensor:
+    module = copy.deepcopy(problem.module).double().cpu()
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [p.shape for _, p in module.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+    def loss(t: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        state, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            state[name] = t[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return F.cross_entropy(functional_call(module, state, (x,)), y)
+
+    x, y = problem.x_train[: problem.curvature_examples].double(), problem.y_train[: problem.curvature_examples]
+    matrix = hessian(loss)(theta, x, y) + problem.regularization * torch.eye(theta.numel(), dtype=torch.float64)
+    one = lambda t, xi, yi: loss(t, xi[None], yi[None])  # noqa: E731
+    test = vmap(grad(one), in_dims=(None, 0, 0))(theta, problem.x_test.double(), problem.y_test)
+    train = vmap(grad(one), in_dims=(None, 0, 0))(theta, problem.x_train.double(), problem.y_train)
+    return torch.linalg.solve(matrix, test.T).T @ train.T
+
+
+# -- our methods ---------------------------------------------------------------------------------------------
+def ours(problem: Problem, device: str, method: str, **options: Any) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        model = TwiceDifferentiable(problem.module, F.cross_entropy)
+        factors = compute_influence_factors(
+            model, problem.curvature_loader(device), problem.test_loader(device), method,
+            hessian_perturbation=problem.regularization, **options,
+        )
+        return compute_influences_up(model, problem.train_loader(device), factors)
+
+    return run
+
+
+def floor(problem: Problem, device: str) -> tuple[float, float]:
+    """Seconds of one batched forward+backward over the training data, and of the final [M, p] × [p, N] product."""
+    module = problem.module
+    start = time.perf_counter()
+    for x, y in problem.train_loader(device):
+        module.zero_grad()
+        F.cross_entropy(module(x), y).backward()
+    module.zero_grad()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    fwd_bwd = time.perf_counter() - start
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    with model.evaluating():
+        gradients = stacked_gradients(model, problem.train_loader(device), name="train")
+        factors = torch.randn(len(problem.x_test), model.num_params, device=device)
+        start = time.perf_counter()
+        (factors @ gradients.T).sum().item()
+    return fwd_bwd, time.perf_counter() - start
+
+
+# -- peers ---------------------------------------------------------------------------------------------------
+def pydvl(problem: Problem, device: str, name: str, **options: Any) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        from pydvl.influence import InfluenceMode
+        from pydvl.influence.torch import influence_function_model as ifm
+
+        cls = getattr(ifm, name)
+        module = problem.module
+        if name == "EkfacInfluence":
+            model = cls(module, hessian_regularization=problem.regularization, **options)
+        else:
+            model = cls(module, F.cross_entropy, regularization=problem.regularization, **options)
+        model = model.fit(problem.curvature_loader(device))
+        x_test, y_test = problem.x_test.to(device), problem.y_test.to(device)
+        blocks = []
+        for x, y in problem.train_loader(device):
+            blocks.append(model.influences(x_test, y_test, x, y, mode=InfluenceMode.Up).detach())
+        return torch.cat(blocks, dim=1)
+
+    return run
+
+
+def captum_arnoldi(problem: Problem, device: str, rank: int) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        from captum.influence import ArnoldiInfluenceFunction
+        from torch.utils.data import TensorDataset
+
+        module = problem.module
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.pt")
+            torch.save(module.state_dict(), path)
+
+            def load(model: nn.Module, checkpoint: str) -> float:
+                model.load_state_dict(torch.load(checkpoint))
+                return 1.0
+
+            train = TensorDataset(problem.x_train.to(device), problem.y_train.to(device))
+            hessian_data = TensorDataset(
+                problem.x_train[: problem.curvature_examples].to(device),
+                problem.y_train[: problem.curvature_examples].to(device),
+            )
+            method = ArnoldiInfluenceFunction(
+                module, train, path, load, loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=problem.batch_size,
+                hessian_dataset=hessian_data, projection_dim=rank, hessian_reg=problem.regularization,
+                sample_wise_grads_per_batch=True,
+            )
+            return method.influence((problem.x_test.to(device), problem.y_test.to(device))).detach()
+
+    return run
+
+
+def kronfluence_ekfac(problem: Problem, device: str) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+        from kronfluence.task import Task
+        from torch.utils.data import TensorDataset
+
+        class Classification(Task):
+            def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
+                x, y = batch
+                logits = model(x)
+                if sample:
+                    with torch.no_grad():
+                        y = torch.distributions.Categorical(logits=logits.detach()).sample()
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
+                x, y = batch
+                return F.cross_entropy(model(x), y, reduction="sum")
+
+        task = Classification()
+        module = prepare_model(copy.deepcopy(problem.module), task)
+        with tempfile.TemporaryDirectory() as folder:
+            analyzer = Analyzer("bench", module, task, output_dir=folder, disable_tqdm=True, disable_model_save=True,
+                                cpu=not device.startswith("cuda"))
+            curvature = TensorDataset(problem.x_train[: problem.curvature_examples], problem.y_train[: problem.curvature_examples])
+            analyzer.fit_all_factors("factors", curvature, factor_args=FactorArguments(strategy="ekfac"),
+                                     per_device_batch_size=problem.batch_size, overwrite_output_dir=True)
+            analyzer.compute_pairwise_scores(
+                "scores", "factors", TensorDataset(problem.x_test, problem.y_test),
+                TensorDataset(problem.x_train, problem.y_train), per_device_query_batch_size=len(problem.x_test),
+                per_device_train_batch_size=problem.batch_size, overwrite_output_dir=True,
+                score_args=ScoreArguments(damping_factor=problem.regularization),
+            )
+            return analyzer.load_pairwise_scores("scores")["all_modules"].detach()
+
+    return run
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def methods(problem: Problem, device: str, quick: bool, peers: bool) -> list[tuple[str, str, Callable[[], Tensor]]]:
+    """(family, label, run) for every method; the family groups a method with its peers for the ratio."""
+    rank = 50
+    ours_list = [
+        ("cg", "ours cg (rtol 1e-4)", ours(problem, device, "cg", rtol=1e-4, maxiter=300)),
+        ("lissa", "ours lissa (defaults)", ours(problem, device, "lissa")),
+        ("lissa", "ours lissa (acceleration=chebyshev)", ours(problem, device, "lissa", acceleration="chebyshev",
+                                                              maxiter=300)),
+        ("arnoldi", f"ours arnoldi (rank {rank}, complement=trace)", ours(problem, device, "arnoldi", rank=rank,
+                                                                         complement="trace")),
+        ("ekfac", "ours ekfac", ours(problem, device, "ekfac")),
+        ("nystroem", f"ours nystroem (rank {rank})", ours(problem, device, "nystroem", rank=rank)),
+    ]
+    if problem.name == "b" and quick:
+        ours_list = [m for m in ours_list if m[0] not in ("lissa",)]
+    if not peers:
+        return ours_list
+    peer_list = [
+        ("cg", "pyDVL CgInfluence (rtol 1e-4)", pydvl(problem, device, "CgInfluence", rtol=1e-4, maxiter=300,
+                                                      solve_simultaneously=True)),
+        ("lissa", "pyDVL LissaInfluence (defaults)", pydvl(problem, device, "LissaInfluence")),
+        ("arnoldi", f"pyDVL ArnoldiInfluence (rank {rank})", pydvl(problem, device, "ArnoldiInfluence", rank=rank)),
+        ("arnoldi", f"captum ArnoldiInfluenceFunction (rank {rank})", captum_arnoldi(problem, device, rank)),
+        ("ekfac", "pyDVL EkfacInfluence", pydvl(problem, device, "EkfacInfluence")),
+        ("ekfac", "kronfluence ekfac", kronfluence_ekfac(problem, device)),
+        ("nystroem", f"pyDVL NystroemSketchInfluence (rank {rank})", pydvl(problem, device, "NystroemSketchInfluence",
+                                                                           rank=rank)),
+    ]
+    if problem.name == "b" and quick:
+        peer_list = [m for m in peer_list if m[0] not in ("lissa", "cg")]
+    return ours_list + peer_list
+
+
+def run_problem(problem: Problem, device: str, quick: bool, peers: bool) -> None:
+    problem.module.to(device)
+    print(f"\n### Problem ({problem.name}): p = {sum(p.numel() for p in problem.module.parameters()):,}, "
+          f"N = {len(problem.x_train):,} (curvature on {problem.curvature_examples:,}), M = {len(problem.x_test)}, "
+          f"λ = {problem.regularization:g}\n", flush=True)
+    fwd_bwd, product = floor(problem, device)
+    if problem.name == "a":
+        start = time.perf_counter()
+        reference = exact_scores(problem)
+        label = f"exact float64 reference ({time.perf_counter() - start:.1f} s)"
+    else:
+        start = time.perf_counter()
+        reference = ours(problem, device, "cg", rtol=1e-6, maxiter=1000)()
+        label = f"our CG to rtol 1e-6 ({time.perf_counter() - start:.1f} s)"
+    rows = []
+    for family, name, fn in methods(problem, device, quick, peers):
+        print(f"  running {name} ...", file=sys.stderr, flush=True)
+        scores, seconds, peak, error = timed(device, fn)
+        accuracy = float("nan")
+        if scores is not None:
+            accuracy = pearson(scores, reference)
+            if accuracy < 0 and not name.startswith("ours"):
+                accuracy = -accuracy  # opposite sign convention
+        rows.append((family, name, seconds, peak, accuracy, error))
+    print(f"Floor: one batched forward+backward over the training data {fwd_bwd:.3f} s; final score product "
+          f"[M, p] × [p, N] {product:.3f} s. Reference: {label}.\n")
+    print("| method | wall time (s) | ratio to fastest peer | peak memory (MB) | accuracy (Pearson) | note |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for family, name, seconds, peak, accuracy, error in rows:
+        peer_times = [r[2] for r in rows if r[0] == family and not r[1].startswith("ours") and not r[5]]
+        ratio = f"{seconds / min(peer_times):.2f}" if peer_times and not error else "–"
+        acc = f"{accuracy:.3f}" if accuracy == accuracy else "–"
+        print(f"| {name} | {seconds:.2f} | {ratio} | {peak / 2**20:.0f} | {acc} | {error} |")
+    sys.stdout.flush()
+
+
+def memory_scaling(device: str, n: int) -> None:
+    """Peak memory of our EK-FAC influence on problem (b) at N and 2N (curvature and scoring over all N)."""
+    print("\n### Peak memory of ours on problem (b) at N and 2N (EK-FAC, curvature and scores over all N)\n")
+    print("| N | wall time (s) | peak memory (MB) |")
+    print("| ---: | ---: | ---: |")
+    for size in (n, 2 * n):
+        problem = synthetic_problem(n_train=size, curvature_examples=size, epochs=1)
+        problem.module.to(device)
+        _, seconds, peak, error = timed(device, ours(problem, device, "ekfac"))
+        print(f"| {size:,} | {seconds:.2f} | {peak / 2**20:.0f} |{' ' + error if error else ''}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller problem (b) and fewer slow iterative runs")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--problems", nargs="+", default=["a", "b"])
+    parser.add_argument("--no-peers", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False.")
+    hardware = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# lightning_influence benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    print(f"device {args.device} ({hardware}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, quick={args.quick}")
+    if "a" in args.problems:
+        run_problem(digits_problem(), args.device, args.quick, not args.no_peers)
+    if "b" in args.problems:
+        n = 20_000
+        problem = synthetic_problem(n_train=n, curvature_examples=1_000 if args.quick else 2_000, epochs=1 if args.quick else 3)
+        run_problem(problem, args.device, args.quick, not args.no_peers)
+        memory_scaling(args.device, n)
+
+
+if __name__ == "__main__":
+    main()
