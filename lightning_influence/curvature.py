@@ -73,6 +73,13 @@ class CurvatureOperator:
             allow_empty=self.distributed,
         )
 
+    def check(self) -> None:
+        """Check the loss on this process's first training batch (see `TwiceDifferentiable.check_second_order`),
+        so that a bad loss fails in seconds instead of after a long fit."""
+        for _, inputs, targets in self.batches("checking the loss"):
+            self.model.check_second_order(inputs, targets)
+            return
+
     def _reduce_mean(self, total: Tensor, count: int, stage: str) -> Tensor:
         """Divide a reduced sum over examples by the global number of examples N."""
         count_tensor = self.reducer.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device))

@@ -61,6 +61,7 @@ def fit_solver(
     solver = make_solver(inversion_method, **kwargs)
     operator = CurvatureOperator(model, training_data, reducer=reducer, progress=progress)
     with model.evaluating():
+        operator.check()
         return solver.fit(operator, regularization)
 
 

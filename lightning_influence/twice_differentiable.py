@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jvp, vmap
+from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from .errors import NonFiniteError
@@ -84,6 +84,7 @@ class TwiceDifferentiable:
             raise TypeError(f"Selected parameters must share one dtype, found {sorted(map(str, dtypes))}.")
         self.dtype: torch.dtype = selected[0].dtype
         self.device: torch.device = selected[0].device
+        self._reverse_over_reverse = False
 
     # -- parameters ---------------------------------------------------------------------------------------
     @property
@@ -146,18 +147,56 @@ class TwiceDifferentiable:
 
     # -- second derivatives -------------------------------------------------------------------------------
     def batch_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
-        """Products of the batch's mean-loss Hessian with k vectors, [k, p] → [k, p], forward-over-reverse."""
+        """Products of the batch's mean-loss Hessian with k vectors, [k, p] → [k, p].
+
+        Forward-over-reverse (a jvp of the gradient). Where forward mode fails on an op of the model or loss
+        (torch 2.13's `F.mse_loss` backward, for one), this model switches to reverse-over-reverse (a vjp of the
+        gradient, equal by symmetry of H) for good.
+        """
         flat = self.flat_params()
-        gradient = grad(self._batch_loss)
+        gradient = lambda theta: grad(self._batch_loss)(theta, inputs, targets)  # noqa: E731
 
-        def hvp(vector: Tensor) -> Tensor:
-            return jvp(lambda theta: gradient(theta, inputs, targets), (flat,), (vector,))[1]
+        def forward_over_reverse(vector: Tensor) -> Tensor:
+            return jvp(gradient, (flat,), (vector,))[1]
 
-        return vmap(hvp, chunk_size=self.chunk_size)(vectors)
+        def reverse_over_reverse(vector: Tensor) -> Tensor:
+            return vjp(gradient, flat)[1](vector)[0]
+
+        if not self._reverse_over_reverse:
+            try:
+                return vmap(forward_over_reverse, chunk_size=self.chunk_size)(vectors)
+            except RuntimeError:
+                self._reverse_over_reverse = True
+        return vmap(reverse_over_reverse, chunk_size=self.chunk_size)(vectors)
 
     def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
         """The explicit Hessian of the batch's mean loss, [p, p]; for small p only."""
         return hessian(self._batch_loss)(self.flat_params(), inputs, targets)
+
+    def check_second_order(self, inputs: Any, targets: Tensor) -> None:
+        """Fail early, with the reason, when the loss on this batch is not a scalar or has no usable curvature.
+
+        One Hessian-vector product with a fixed random probe: an error from torch.func means the loss cannot be
+        differentiated twice; an exactly zero product means the loss is detached from the selected parameters
+        or piecewise linear in them, where second-order influence is undefined.
+        """
+        self.batch_loss(inputs, targets)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        probe = torch.randn(1, self.num_params, generator=generator, dtype=self.dtype).to(self.device)
+        try:
+            curvature = self.batch_hvp(inputs, targets, probe)
+        except RuntimeError as error:
+            raise ValueError(
+                f"loss_fn cannot be differentiated twice with torch.func ({error}). Influence needs second "
+                "derivatives: build the loss from differentiable torch operations, and give custom "
+                "autograd.Functions a setup_context and a jvp."
+            ) from error
+        if not bool(curvature.any()):
+            raise ValueError(
+                "The loss has zero curvature in the selected parameters on the first training batch: it is "
+                "detached from them, or piecewise linear in them (such as an L1 or hinge loss), or not twice "
+                "differentiable. Influence needs a twice-differentiable loss such as cross-entropy or squared error."
+            )
 
     def mixed_grad(self, inputs: Tensor, targets: Tensor, vectors: Tensor) -> Tensor:
         """∇ₓ ⟨v, ∇θ ℓ(x, y, θ)⟩ for each of k vectors v and each example, shape [k, B, *x_shape].

@@ -181,3 +181,44 @@ def test_dict_batches_are_split(setup):
     scores = compute_influences(setup["model"], DataLoader(DictData(), batch_size=7), hessian_regularization=LAMBDA)
     plain = compute_influences(setup["model"], loader(setup["x"], setup["y"]), hessian_regularization=LAMBDA)
     torch.testing.assert_close(scores, plain, atol=1e-10, rtol=1e-8)
+
+
+class _SquareWithoutJvp(torch.autograd.Function):
+    """A custom function functorch cannot transform (no setup_context)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad_output
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (lambda out, t: _SquareWithoutJvp.apply(out).mean(), "cannot be differentiated twice with torch.func"),
+        (lambda out, t: F.cross_entropy(out.detach(), t), "zero curvature in the selected parameters"),
+        (lambda out, t: F.l1_loss(out, F.one_hot(t, 3).to(out.dtype)), "piecewise linear"),
+    ],
+    ids=["no-forward-mode", "detached", "l1"],
+)
+def test_losses_that_are_not_twice_differentiable_are_refused_before_fitting(setup, loss_fn, message):
+    model = TwiceDifferentiable(torch.nn.Linear(5, 3).double(), loss_fn)
+    with pytest.raises(ValueError, match=message):
+        fit_solver(model, loader(setup["x"], setup["y"]), "cg")
+
+
+def test_iterable_datasets_without_a_length_are_streamed(setup):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(setup["x"], setup["y"]))
+
+    streamed = compute_influences(setup["model"], DataLoader(Stream(), batch_size=7), hessian_regularization=LAMBDA,
+                                  test_data=loader(setup["x_test"], setup["y_test"]))
+    plain = compute_influences(setup["model"], loader(setup["x"], setup["y"]), hessian_regularization=LAMBDA,
+                               test_data=loader(setup["x_test"], setup["y_test"]))
+    torch.testing.assert_close(streamed, plain, atol=1e-10, rtol=1e-8)

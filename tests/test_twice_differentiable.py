@@ -135,3 +135,13 @@ def test_constructor_checks_its_arguments():
         TwiceDifferentiable(mlp_model(), "cross_entropy")
     with pytest.raises(ValueError, match="chunk_size"):
         TwiceDifferentiable(mlp_model(), F.cross_entropy, chunk_size=0)
+
+
+def test_hessian_products_fall_back_to_reverse_mode_where_forward_mode_fails():
+    """F.mse_loss has no working forward-over-reverse in torch 2.13; the product must still be right."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 1, generator=generator, dtype=torch.float64)
+    model = TwiceDifferentiable(nn.Linear(3, 1).double(), F.mse_loss)
+    vectors = torch.randn(2, model.num_params, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(model.batch_hvp(x, y, vectors), vectors @ model.batch_hessian(x, y))
