@@ -222,3 +222,15 @@ def test_iterable_datasets_without_a_length_are_streamed(setup):
     plain = compute_influences(setup["model"], loader(setup["x"], setup["y"]), hessian_regularization=LAMBDA,
                                test_data=loader(setup["x_test"], setup["y_test"]))
     torch.testing.assert_close(streamed, plain, atol=1e-10, rtol=1e-8)
+
+
+def test_dict_batches_without_known_keys_are_explained(setup):
+    class Unnamed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"pixels": setup["x"][i], "class": setup["y"][i]}
+
+    with pytest.raises(ValueError, match=r"Cannot find inputs and targets in a dict batch with keys \['class', 'pixels'\]"):
+        compute_influences(setup["model"], DataLoader(Unnamed(), batch_size=2))
