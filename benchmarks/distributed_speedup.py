@@ -48,7 +48,8 @@ def body(rank: int, world_size: int, threads: int, workdir: str, args: argparse.
     torch.set_num_threads(threads)
     folder = Path(workdir)
     saved = torch.load(folder / "problem.pt")
-    state, train, queries = saved["state"], TensorDataset(saved["x"], saved["y"]), TensorDataset(saved["xq"], saved["yq"])
+    state = saved["state"]
+    train, queries = TensorDataset(saved["x"], saved["y"]), TensorDataset(saved["xq"], saved["yq"])
     module = nn.Sequential(nn.Linear(args.features, args.hidden), nn.Tanh(), nn.Linear(args.hidden, args.classes))
     module.load_state_dict(state)
     model = TwiceDifferentiable(module, F.cross_entropy)

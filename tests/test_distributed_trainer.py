@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lit_helpers import Classifier, blobs, make_trainer
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_influence import TwiceDifferentiable
 from lightning_influence.callback import InfluenceCallback
@@ -25,6 +25,7 @@ from lightning_influence.result import InfluenceResult, parameter_digest
 N_TRAIN, N_VAL, N_QUERIES, BATCH = 45, 7, 5, 8  # 45 examples: shards of 23 and 22; 5 queries: 3 and 2
 METHODS = {"direct": {}, "cg": {"rtol": 1e-12}, "arnoldi": {"rank": 10}}
 REGULARIZATION = 0.5  # H + λI positive definite after two epochs, so cg converges
+SINGLE_REGULARIZATION = 5.0  # one example's Hessian of an MLP is indefinite: more damping keeps cg definite
 
 
 def problem() -> tuple[TensorDataset, TensorDataset]:
@@ -34,11 +35,18 @@ def problem() -> tuple[TensorDataset, TensorDataset]:
 
 
 def callbacks(root: Path) -> list[InfluenceCallback]:
+    """One callback per method, and one with a single training example and a single query, so that rank 1
+    holds an empty shard of both (cg: self-influence in lockstep with an empty rank)."""
+    train, _ = problem()
     return [
         InfluenceCallback(method=method, method_kwargs=options, hessian_regularization=REGULARIZATION,
                           self_influence=True, num_queries=N_QUERIES, batch_size=BATCH, top_k=3,
                           save_dir=root / method)
         for method, options in METHODS.items()
+    ] + [
+        InfluenceCallback(method="cg", method_kwargs=METHODS["cg"], hessian_regularization=SINGLE_REGULARIZATION,
+                          self_influence=True, num_queries=1, batch_size=BATCH, top_k=1,
+                          training_data=Subset(train, [0]), save_dir=root / "single-example")
     ]
 
 
@@ -62,6 +70,16 @@ def assert_equals_one_process(module: pl.LightningModule, root: Path, train: Ten
         torch.testing.assert_close(result.self_influence, reference.self_influence, rtol=1e-7, atol=1e-10)
         assert not (root / method / "partial").exists()  # finished and cleaned up once
         assert (root / method / "report").is_dir()
+    # Rank 1 had no training example and no query.
+    single = InfluenceResult.load(root / "single-example" / "result")
+    reference = compute_influence(
+        model, IndexedData(Subset(train, [0])), IndexedData(val), save_dir=root / "one-process-single",
+        query_indices=[0], method="cg", method_kwargs=METHODS["cg"], hessian_regularization=SINGLE_REGULARIZATION,
+        self_influence=True, batch_size=BATCH,
+    )
+    assert single.scores.shape == (1, 1) and single.train_indices.tolist() == [0]
+    torch.testing.assert_close(single.scores, reference.scores, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(single.self_influence, reference.self_influence, rtol=1e-7, atol=1e-10)
 
 
 def test_ddp_spawn_callback_equals_one_process(tmp_path):
