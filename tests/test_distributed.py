@@ -79,7 +79,8 @@ def two_process_run(tmp_path_factory):
         reference["lissa"] = lissa.solve(stacked_gradients(model, loader(xq, yq, 1), name="queries")).x
     full_batch = fit_solver(model, train_loader, "lissa", hessian_regularization=REGULARIZATION, maxiter=40,
                             rtol=1e-30)
-    reference["lissa_one_batch"] = full_batch.solve(stacked_gradients(model, loader(xq, yq, 1), name="q")).x
+    with pytest.warns(RuntimeWarning, match="lissa did not reach"):  # a fixed number of steps on purpose
+        reference["lissa_one_batch"] = full_batch.solve(stacked_gradients(model, loader(xq, yq, 1), name="q")).x
     return ranks, reference
 
 
