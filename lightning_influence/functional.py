@@ -7,7 +7,7 @@ the query's loss by I_up / N); I_pert(z_test, zᵢ) = ∇ₓ I_up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -113,10 +113,7 @@ def compute_influences_up(
     progress: bool = False,
 ) -> Tensor:
     """Up-weighting influence ⟨s_test, ∇θ ℓ(zᵢ)⟩ of every example of `input_data` on every query: [M, N]."""
-    model = _check_model(model)
-    factors = _factor_tensor(model, influence_factors)
-    with model.evaluating():
-        return torch.cat(list(up_score_blocks(model, input_data, factors, progress=progress)), dim=1)
+    return _joined_blocks(up_score_blocks, model, input_data, influence_factors, progress)
 
 
 def compute_influences_pert(
@@ -127,10 +124,21 @@ def compute_influences_pert(
     progress: bool = False,
 ) -> Tensor:
     """Perturbation influence ∇ₓ ⟨s_test, ∇θ ℓ(zᵢ)⟩ for every example of `input_data`: [M, N, *x_shape]."""
+    return _joined_blocks(perturbation_score_blocks, model, input_data, influence_factors, progress)
+
+
+def _joined_blocks(
+    blocks: Callable[..., Iterable[Tensor]],
+    model: TwiceDifferentiable,
+    input_data: Iterable[Any],
+    influence_factors: InverseHvpResult | Tensor,
+    progress: bool,
+) -> Tensor:
+    """Stream a scoring generator over `input_data` in eval mode and join its per-batch blocks along dim 1."""
     model = _check_model(model)
     factors = _factor_tensor(model, influence_factors)
     with model.evaluating():
-        return torch.cat(list(perturbation_score_blocks(model, input_data, factors, progress=progress)), dim=1)
+        return torch.cat(list(blocks(model, input_data, factors, progress=progress)), dim=1)
 
 
 def compute_self_influences(
