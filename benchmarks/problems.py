@@ -98,5 +98,5 @@ def synthetic_problem(n_train: int = 20_000, queries: int = 100, curvature_examp
     module = nn.Sequential(nn.Linear(features, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, classes))
     train(module, x[:n_train], y[:n_train], 1e-3, epochs=epochs, batch_size=256, lr=1e-3, seed=seed)
     module.eval()
-    return Problem("b", module, x[:n_train], y[:n_train], x[n_train:], y[n_train:], 0.1,
+    return Problem("b", module, x[:n_train], y[:n_train], x[n_train:], y[n_train:], 1.0,
                    batch_size=1000, curvature_examples=curvature_examples)

@@ -296,7 +296,7 @@ def run_problem(problem: Problem, device: str, quick: bool, peers: bool) -> None
         label = f"exact float64 reference ({time.perf_counter() - start:.1f} s)"
     else:
         start = time.perf_counter()
-        reference = ours(problem, device, "cg", rtol=1e-5, maxiter=1000)()
+        reference = ours(problem, device, "cg", rtol=1e-5, maxiter=300)()
         label = f"our CG to rtol 1e-5 ({time.perf_counter() - start:.1f} s)"
     rows = []
     for family, name, fn in methods(problem, device, quick, peers):
