@@ -127,3 +127,20 @@ def test_chebyshev_lissa_reaches_the_answer_in_fewer_passes():
     assert infos["chebyshev"]["iterations"] < infos[None]["iterations"] / 2
     auto = fit_solver(model, full, "lissa", hessian_regularization=LAMBDA, rtol=1e-10)
     assert auto.solve(exact).info.get("acceleration") == "chebyshev"  # one-batch loader: exact steps, accelerated
+
+
+def test_nystroem_preconditioned_cg_converges_in_fewer_iterations_to_the_same_answer():
+    preconditioner = "nystroem"
+    x, y = classification_data(60)
+    x_test, y_test = classification_data(5, seed=1)
+    module = fitted(mlp_model(), x, y)
+    exact = ExactReference(module, x, y, 1e-2).factors(x_test, y_test)
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    results = {}
+    for option in (None, preconditioner):
+        results[option] = compute_influence_factors(model, loader(x, y), loader(x_test, y_test), "cg",
+                                                    hessian_perturbation=1e-2, rtol=1e-9, preconditioner=option,
+                                                    preconditioner_rank=10)
+        assert results[option].info["converged"]
+        assert float((results[option].x - exact).norm() / exact.norm()) < 1e-6
+    assert results[preconditioner].info["iterations"] < results[None].info["iterations"]
