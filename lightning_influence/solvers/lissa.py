@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,34 +78,15 @@ class LissaSolver(Solver, method="lissa"):
         operator = self._fitted()
         batches = _cycle(operator)
         estimate = rhs.clone()
-        previous = estimate / self._scale
-        relative_change = float("inf")
-        iterations = 0
-        for iterations in range(1, self.maxiter + 1):
+
+        def advance() -> Tensor:
+            nonlocal estimate
             inputs, targets = next(batches)
             product = operator.batch_matmat(inputs, targets, estimate) + self.regularization * estimate
             estimate = rhs + (1 - self.dampen) * estimate - product / self._scale
-            if iterations % self.check_every == 0 or iterations == self.maxiter:
-                current = estimate / self._scale
-                change = (current - previous).norm(dim=1) / current.norm(dim=1).clamp_min(1e-30)
-                relative_change = float(change.max())
-                previous = current
-                if relative_change < self.rtol:
-                    break
-        converged = relative_change < self.rtol
-        if not converged:
-            warnings.warn(
-                f"lissa did not reach rtol={self.rtol:g} in {self.maxiter} iterations (largest relative change "
-                f"{relative_change:.2e} over the last {self.check_every}); raise maxiter or dampen, or check scale.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return estimate / self._scale, {
-            "iterations": iterations,
-            "converged": converged,
-            "max_relative_change": relative_change,
-        }
+            return estimate / self._scale
 
+        return self._iterate(advance, rhs / self._scale, {})
 
     def _solve_chebyshev(self, rhs: Tensor, lower: float) -> tuple[Tensor, dict[str, Any]]:
         """Chebyshev iteration for A x = b on the spectrum interval [lower, scale] (Saad, Alg. 12.1)."""
@@ -116,20 +98,33 @@ class LissaSolver(Solver, method="lissa"):
         solution = torch.zeros_like(rhs)
         residual = rhs.clone()
         step = residual / centre
-        previous = solution.clone()
-        relative_change = float("inf")
-        iterations = 0
-        for iterations in range(1, self.maxiter + 1):
+
+        def advance() -> Tensor:
+            nonlocal solution, residual, step, rho
             product = operator.matmat(step) + shift * step
             solution = solution + step
             residual = residual - product
             rho_next = 1 / (2 * sigma - rho)
             step = rho_next * rho * step + (2 * rho_next / half_width) * residual
             rho = rho_next
+            return solution
+
+        return self._iterate(advance, solution, {"acceleration": "chebyshev"})
+
+    def _iterate(
+        self, advance: Callable[[], Tensor], start: Tensor, facts: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """Take steps (`advance` returns the current solution) until the largest relative change of any row
+        over `check_every` steps is below `rtol`, or `maxiter` steps; warn when the tolerance was not reached."""
+        previous, current = start, start
+        relative_change = float("inf")
+        iterations = 0
+        for iterations in range(1, self.maxiter + 1):
+            current = advance()
             if iterations % self.check_every == 0 or iterations == self.maxiter:
-                change = (solution - previous).norm(dim=1) / solution.norm(dim=1).clamp_min(1e-30)
+                change = (current - previous).norm(dim=1) / current.norm(dim=1).clamp_min(1e-30)
                 relative_change = float(change.max())
-                previous = solution.clone()
+                previous = current
                 if relative_change < self.rtol:
                     break
         converged = relative_change < self.rtol
@@ -138,14 +133,10 @@ class LissaSolver(Solver, method="lissa"):
                 f"lissa did not reach rtol={self.rtol:g} in {self.maxiter} iterations (largest relative change "
                 f"{relative_change:.2e} over the last {self.check_every}); raise maxiter or dampen, or check scale.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        return solution, {
-            "iterations": iterations,
-            "converged": converged,
-            "max_relative_change": relative_change,
-            "acceleration": "chebyshev",
-        }
+        return current, {"iterations": iterations, "converged": converged, "max_relative_change": relative_change,
+                         **facts}
 
 
 def _single_batch(operator: Any) -> bool:
