@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .data import loader_length
 from .reducer import DistributedReducer, LocalReducer, Reducer
-from .scoring import gradients
+from .scoring import gradients, up_score_blocks
 from .solvers import InverseHvpResult, Solver
 from .twice_differentiable import TwiceDifferentiable
 
@@ -256,11 +256,10 @@ class Distribution:
     ) -> Tensor:
         """Up-weighting influence of this process's shard on every query, [M, n_local] in loader order; an empty
         shard gives [M, 0]. Local: no collective, so processes may finish at different times."""
-        with model.evaluating():
-            blocks = [factors @ block.T for block in _gradient_blocks(model, training_data, progress)]
-        if not blocks:
+        if loader_length(training_data) == 0:
             return factors.new_zeros(factors.shape[0], 0)
-        return torch.cat(blocks, dim=1)
+        with model.evaluating():
+            return torch.cat(list(up_score_blocks(model, training_data, factors, progress=progress)), dim=1)
 
     def self_influences(
         self, model: TwiceDifferentiable, training_data: Iterable[Any], solver: Solver, *, progress: bool = False

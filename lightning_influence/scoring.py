@@ -44,7 +44,8 @@ def gradients(
     """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p], checked finite."""
     structure = layer_structure(model)
     for index, inputs, targets in iterate_batches(data, model.device, model.dtype, name=name, progress=progress):
-        model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
+        if index == 0:
+            model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
         block = _example_gradients(model, structure, inputs, targets)
         yield index, check_finite(block, f"per-example gradients of {name}", index)
 
@@ -68,7 +69,8 @@ def perturbation_score_blocks(
     """Blocks of I_pert = ∇ₓ ⟨s, ∇θ ℓ(zᵢ)⟩, one [M, B, *x_shape] block per batch of `data`."""
     batches = iterate_batches(data, model.device, model.dtype, name="input_data", progress=progress)
     for index, inputs, targets in batches:
-        model.batch_loss(inputs, targets)
+        if index == 0:
+            model.batch_loss(inputs, targets)  # checked once: the check costs a forward pass
         block = model.mixed_grad(inputs, targets, factors)
         yield check_finite(block, "perturbation influence", index)
 
