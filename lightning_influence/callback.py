@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .curvature import Curvature, check_curvature
 from .distributed import Distribution, refuse_unsupported_strategy
 from .enums import InfluenceType, InversionMethod
 from .pipeline import BatchTransform, IndexedData, compute_influence
@@ -83,6 +84,9 @@ class InfluenceCallback(pl.Callback):
         method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ...).
         method_kwargs: the method's options, e.g. ``{"rank": 50}`` for arnoldi or ``{"rtol": 1e-4}`` for cg.
         hessian_regularization: λ ≥ 0 in (H + λI); at least the weight decay the loss leaves out.
+        curvature: ``hessian`` (the mean-loss Hessian H) or ``ggn`` (its Gauss–Newton part, positive
+            semi-definite; cheaper to make well-conditioned).
+        block_diagonal: keep only the per-layer blocks of the curvature (cross-layer terms dropped).
         influence_type: ``up`` ([M, N] scores) or ``perturbation`` (also ∇ₓ of them, [M, N, *x_shape]).
         params: names or glob patterns of the parameters to use (e.g. ``"head.*"``); None for all trainable.
         self_influence: also compute self-influence of every training example (finds mislabelled data).
@@ -107,6 +111,8 @@ class InfluenceCallback(pl.Callback):
         method: str = "cg",
         method_kwargs: dict[str, Any] | None = None,
         hessian_regularization: float = 0.01,
+        curvature: Curvature = "hessian",
+        block_diagonal: bool = False,
         influence_type: str = "up",
         params: str | Sequence[str] | None = None,
         self_influence: bool = False,
@@ -126,6 +132,9 @@ class InfluenceCallback(pl.Callback):
         self.method_kwargs = dict(method_kwargs or {})
         make_solver(self.method, **self.method_kwargs)  # unknown or invalid options fail now, not after training
         self.hessian_regularization = check_regularization(hessian_regularization)
+        check_curvature(curvature, block_diagonal)
+        self.curvature: Curvature = curvature
+        self.block_diagonal = block_diagonal
         self.influence_type = InfluenceType.parse(influence_type)
         if params is not None and not (isinstance(params, str) or all(isinstance(p, str) for p in params)):
             raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
@@ -204,6 +213,7 @@ class InfluenceCallback(pl.Callback):
             result = compute_influence(
                 model, training, query, save_dir=folder, query_indices=query_indices, method=self.method,
                 method_kwargs=self.method_kwargs, hessian_regularization=self.hessian_regularization,
+                curvature=self.curvature, block_diagonal=self.block_diagonal,
                 influence_type=self.influence_type, self_influence=self.self_influence, batch_size=self.batch_size,
                 progress=progress, distribution=distribution,
             )

@@ -3,12 +3,18 @@
 H = ∇²θ L(θ) with L(θ) = (1/N) Σᵢ ℓ(zᵢ, θ). A batch b of size B contributes B · ∇²(mean loss of b) to the
 sum N·H, so uneven last batches weigh exactly right. Every product is a pass over the training loader,
 summed locally, combined by the reducer across processes, then divided by the global N.
+
+Two options replace H by a cheaper or better-behaved curvature, for every inversion method alike:
+`curvature="ggn"` takes the generalised Gauss–Newton matrix G = Jᵀ ∇²_f L J (positive semi-definite), and
+`block_diagonal=True` keeps only the blocks of one layer's parameters (one block per module owning
+parameters), dropping the cross-layer terms: products then cost one product per block, and the direct
+method factorises p_b × p_b blocks instead of p × p.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -18,14 +24,42 @@ from .reducer import LocalReducer, Reducer
 from .twice_differentiable import TwiceDifferentiable, check_finite
 
 
+Curvature = Literal["hessian", "ggn"]
+CURVATURES: tuple[str, ...] = ("hessian", "ggn")
+
+
+def check_curvature(curvature: Any, block_diagonal: Any) -> None:
+    """Refuse an unknown curvature or a non-boolean block_diagonal, naming what is accepted."""
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}.")
+    if not isinstance(block_diagonal, bool):
+        raise TypeError(f"block_diagonal must be True or False, got {block_diagonal!r}.")
+
+
+def layer_blocks(model: TwiceDifferentiable) -> list[tuple[str, slice]]:
+    """The selected parameters grouped by the module that owns them, as (module name, slice of θ), in order."""
+    blocks: list[tuple[str, slice]] = []
+    offset = 0
+    for name, numel in zip(model.param_names, model.param_numels):
+        owner = name.rpartition(".")[0]
+        if blocks and blocks[-1][0] == owner:
+            blocks[-1] = (owner, slice(blocks[-1][1].start, offset + numel))
+        else:
+            blocks.append((owner, slice(offset, offset + numel)))
+        offset += numel
+    return blocks
+
+
 class CurvatureOperator:
-    """Products with the mean-loss Hessian H of `model` over `training_data` (without damping λ).
+    """Products with the curvature H of `model` over `training_data` (without damping λ).
 
     Args:
         model: the functional model and loss.
         training_data: iterable of (inputs, targets) batches; iterated once per product.
         reducer: combines per-process sums (None: this process alone).
         progress: show a progress bar for each pass over the data.
+        curvature: ``"hessian"`` (the mean-loss Hessian) or ``"ggn"`` (its generalised Gauss–Newton part).
+        block_diagonal: keep only the per-layer diagonal blocks of the curvature.
     """
 
     def __init__(
@@ -35,11 +69,17 @@ class CurvatureOperator:
         *,
         reducer: Reducer | None = None,
         progress: bool = False,
+        curvature: Curvature = "hessian",
+        block_diagonal: bool = False,
     ) -> None:
+        check_curvature(curvature, block_diagonal)
         self.model = model
         self.training_data = training_data
         self.reducer: Reducer = reducer if reducer is not None else LocalReducer()
         self.progress = progress
+        self.curvature = curvature
+        self.block_diagonal = block_diagonal
+        self.blocks = layer_blocks(model) if block_diagonal else [("", slice(0, model.num_params))]
         self.num_examples: int | None = None
         self.passes = 0
 
@@ -91,13 +131,25 @@ class CurvatureOperator:
         self.passes += 1
         return check_finite(total / n, stage)
 
+    def _batch_product(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
+        """One batch's curvature times k vectors; in block-diagonal mode each block's slice of every vector is
+        multiplied on its own (k · blocks products in one vectorised call) and only that block's rows kept."""
+        product = self.model.batch_ggn_vp if self.curvature == "ggn" else self.model.batch_hvp
+        if len(self.blocks) == 1:
+            return product(inputs, targets, vectors)
+        pieces = torch.zeros(len(self.blocks), *vectors.shape, dtype=vectors.dtype, device=vectors.device)
+        for position, (_, block) in enumerate(self.blocks):
+            pieces[position, :, block] = vectors[:, block]
+        products = product(inputs, targets, pieces.flatten(0, 1)).view_as(pieces)
+        return torch.cat([products[position, :, block] for position, (_, block) in enumerate(self.blocks)], dim=1)
+
     def matmat(self, vectors: Tensor) -> Tensor:
         """H V for a block of k vectors, [k, p] → [k, p]: one pass over the training data."""
         total = torch.zeros_like(vectors)
         count = 0
         for index, inputs, targets in self.batches("Hessian products"):
             size = batch_size(inputs)
-            product = self.model.batch_hvp(inputs, targets, vectors)
+            product = self._batch_product(inputs, targets, vectors)
             total += size * check_finite(product, "Hessian-vector products", index)
             count += size
         return self._reduce_mean(total, count, "Hessian-vector products")
@@ -115,7 +167,7 @@ class CurvatureOperator:
         if inputs is None:
             product, size = torch.zeros_like(vectors), 0
         else:
-            product = check_finite(self.model.batch_hvp(inputs, targets, vectors), "Hessian-vector products")
+            product = check_finite(self._batch_product(inputs, targets, vectors), "Hessian-vector products")
             size = batch_size(inputs)
         if not self.distributed:
             return product
@@ -123,14 +175,21 @@ class CurvatureOperator:
         return self.reducer.sum(size * product) / count.clamp_min(1).item()
 
     def dense(self) -> Tensor:
-        """The explicit Hessian H, [p, p], summed batch by batch; for small p only."""
+        """The explicit curvature H, [p, p], summed batch by batch (zero off the diagonal blocks in
+        block-diagonal mode); for small p only."""
         p = self.num_params
+        explicit = self.model.batch_ggn if self.curvature == "ggn" else self.model.batch_hessian
         total = torch.zeros(p, p, dtype=self.dtype, device=self.device)
         count = 0
         for index, inputs, targets in self.batches("explicit Hessian"):
             size = batch_size(inputs)
-            total += size * check_finite(self.model.batch_hessian(inputs, targets), "explicit Hessian", index)
+            total += size * check_finite(explicit(inputs, targets), "explicit Hessian", index)
             count += size
+        if len(self.blocks) > 1:
+            kept = torch.zeros(p, p, dtype=torch.bool, device=self.device)
+            for _, block in self.blocks:
+                kept[block, block] = True
+            total = total * kept
         return self._reduce_mean(total, count, "explicit Hessian")
 
     def diagonal(self, num_probes: int = 32, seed: int = 0) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .curvature import CurvatureOperator
+from .curvature import Curvature, CurvatureOperator, check_curvature
 from .enums import InfluenceType, InversionMethod
 from .errors import InfluenceComputationError
 from .reducer import Reducer
@@ -47,19 +47,24 @@ def fit_solver(
     inversion_method: str | InversionMethod,
     *,
     hessian_regularization: float = 0.0,
+    curvature: Curvature = "hessian",
+    block_diagonal: bool = False,
     progress: bool = False,
     reducer: Reducer | None = None,
     **kwargs: Any,
 ) -> Solver:
     """A solver for (H + λI) over `training_data`, fitted once and ready to `solve` many right-hand sides.
 
-    `kwargs` are the method's options (e.g. `rank` for arnoldi, `rtol` for cg); all are checked before any
-    computation starts.
+    `curvature="ggn"` uses the Gauss–Newton matrix for H, `block_diagonal=True` only its per-layer blocks (see
+    `CurvatureOperator`). `kwargs` are the method's options (e.g. `rank` for arnoldi, `rtol` for cg); all are
+    checked before any computation starts.
     """
     model = _check_model(model)
     regularization = check_regularization(hessian_regularization)
+    check_curvature(curvature, block_diagonal)
     solver = make_solver(inversion_method, **kwargs)
-    operator = CurvatureOperator(model, training_data, reducer=reducer, progress=progress)
+    operator = CurvatureOperator(model, training_data, reducer=reducer, progress=progress, curvature=curvature,
+                                 block_diagonal=block_diagonal)
     with model.evaluating():
         operator.check()
         return solver.fit(operator, regularization)
@@ -78,7 +83,8 @@ def compute_influence_factors(
 ) -> InverseHvpResult:
     """Influence factors s_test = (H + λI)⁻¹ ∇θ ℓ(z_test) for every test example: `x` [M, p] and `info`.
 
-    λ is `hessian_perturbation`; H is the mean-loss Hessian over `training_data`.
+    λ is `hessian_perturbation`; H is the mean-loss Hessian over `training_data` (`kwargs` may hold
+    `curvature` and `block_diagonal` for `fit_solver`, besides the method's options).
     """
     solver = fit_solver(
         model,

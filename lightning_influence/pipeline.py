@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
+from .curvature import Curvature, check_curvature
 from .data import progress_bar, split_batch
 from .distributed import Distribution, local_distribution
 from .enums import InfluenceType, InversionMethod
@@ -250,6 +251,8 @@ def compute_influence(
     method: str | InversionMethod = "cg",
     method_kwargs: dict[str, Any] | None = None,
     hessian_regularization: float = 0.0,
+    curvature: Curvature = "hessian",
+    block_diagonal: bool = False,
     influence_type: str | InfluenceType = "up",
     self_influence: bool = False,
     batch_size: int = 64,
@@ -276,6 +279,7 @@ def compute_influence(
     kwargs = dict(method_kwargs or {})
     options = make_solver(method, **kwargs).options  # validates the options before any work
     regularization = check_regularization(hessian_regularization)
+    check_curvature(curvature, block_diagonal)
     batch_size = positive_int("batch_size", batch_size)
     chunk_size = batch_size * positive_int("chunk_batches", chunk_batches)
     train_indices = training_data.check_indices(train_indices, "train_indices")
@@ -295,6 +299,7 @@ def compute_influence(
         timings["query_gradients_seconds"] = time.perf_counter() - clock
         fingerprint = _fingerprint(
             model, method=method.value, options=options, hessian_regularization=regularization,
+            curvature=curvature, block_diagonal=block_diagonal,
             influence_type=kind.value, num_train=len(train_indices), train_indices=_index_digest(train_indices),
             num_queries=len(query_indices), query_indices=_index_digest(query_indices),
             query_gradients=tensor_digest([("rhs", rhs)]), batch_size=batch_size, chunk_size=chunk_size,
@@ -315,7 +320,8 @@ def compute_influence(
             if solver is None:
                 clock = time.perf_counter()
                 solver = fit_solver(model, training_data.loader(shard, batch_size), method,
-                                    hessian_regularization=regularization, progress=progress,
+                                    hessian_regularization=regularization, curvature=curvature,
+                                    block_diagonal=block_diagonal, progress=progress,
                                     reducer=distribution.reducer, **kwargs)
                 timings["fit_seconds"] = time.perf_counter() - clock
             return solver
@@ -394,7 +400,8 @@ def compute_influence(
     convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization")}
     metadata = to_jsonable({
         "method": method.value, "options": options, "method_kwargs": kwargs,
-        "hessian_regularization": regularization, "influence_type": kind.value,
+        "hessian_regularization": regularization, "curvature": curvature, "block_diagonal": block_diagonal,
+        "influence_type": kind.value,
         "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
         "parameter_names": model.param_names, "dtype": str(model.dtype), "self_influence": bool(self_influence),
         "batch_size": batch_size, "chunk_size": chunk_size, "world_size": distribution.world_size,

@@ -173,6 +173,52 @@ class TwiceDifferentiable:
         """The explicit Hessian of the batch's mean loss, [p, p]; for small p only."""
         return hessian(self._batch_loss)(self.flat_params(), inputs, targets)
 
+    def batch_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
+        """Products of the batch's generalised Gauss–Newton matrix with k vectors, [k, p] → [k, p].
+
+        G = Jᵀ (∇²_f L) J with J = ∂f/∂θ the Jacobian of the model's outputs f and ∇²_f L the Hessian of the
+        batch's mean loss in those outputs: the Hessian without the term that the loss's first derivative
+        contributes through the model's own curvature. G is positive semi-definite for a convex loss (cross
+        entropy, squared error), so G + λI is invertible for every λ > 0. Each product is one jvp through the
+        model, one Hessian-vector product of the loss in its outputs, and one vjp back; forward mode falls back
+        to reverse mode as in `batch_hvp`.
+        """
+        flat = self.flat_params()
+
+        def forward(theta: Tensor) -> Tensor:
+            outputs = functional_call(self.module, self._state(theta), (inputs,))
+            if not isinstance(outputs, Tensor):
+                raise TypeError(
+                    f"curvature='ggn' needs the model to return one tensor of outputs, got {type(outputs).__name__}; "
+                    "use curvature='hessian'."
+                )
+            return outputs
+
+        outputs, pullback = vjp(forward, flat)
+        outputs = outputs.detach()
+        output_gradient = lambda out: grad(lambda o: self.loss_fn(o, targets))(out)  # noqa: E731
+
+        def forward_mode(vector: Tensor) -> Tensor:
+            tangent = jvp(forward, (flat,), (vector,))[1]
+            return pullback(jvp(output_gradient, (outputs,), (tangent,))[1])[0]
+
+        def reverse_mode(vector: Tensor) -> Tensor:
+            # J v as the vjp of the linear map u ↦ Jᵀu; the loss's Hessian in f is symmetric.
+            tangent = vjp(lambda u: pullback(u)[0], torch.zeros_like(outputs))[1](vector)[0]
+            return pullback(vjp(output_gradient, outputs)[1](tangent)[0])[0]
+
+        if not self._reverse_over_reverse:
+            try:
+                return vmap(forward_mode, chunk_size=self.chunk_size)(vectors)
+            except RuntimeError:
+                self._reverse_over_reverse = True
+        return vmap(reverse_mode, chunk_size=self.chunk_size)(vectors)
+
+    def batch_ggn(self, inputs: Any, targets: Tensor) -> Tensor:
+        """The explicit Gauss–Newton matrix of the batch's mean loss, [p, p]; for small p only."""
+        identity = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return self.batch_ggn_vp(inputs, targets, identity)
+
     def check_second_order(self, inputs: Any, targets: Tensor) -> None:
         """Fail early, with the reason, when the loss on this batch is not a scalar or has no usable curvature.
 

@@ -27,21 +27,25 @@ class DirectSolver(Solver, method="direct"):
         if not 0 <= eigen_rtol < 1:
             raise ValueError(f"eigen_rtol must be in [0, 1), got {eigen_rtol!r}.")
         self.eigen_rtol = eigen_rtol
-        self._cholesky: Tensor | None = None
-        self._eigen: tuple[Tensor, Tensor] | None = None
+        #: Per diagonal block: its Cholesky factor, or (eigenvalues, eigenvectors) where Cholesky failed.
+        self._factors: list[Tensor | tuple[Tensor, Tensor]] = []
 
     def _fit(self) -> dict[str, Any]:
         operator = self._fitted()
         dtype = work_dtype(operator.device)
         hessian = operator.dense().to(dtype)
         hessian = (hessian + hessian.T) / 2
-        report = spectrum_report(torch.linalg.eigvalsh(hessian), self.regularization, operator.dtype, complete=True)
-        matrix = hessian + self.regularization * torch.eye(operator.num_params, dtype=dtype, device=operator.device)
-        factor, status = torch.linalg.cholesky_ex(matrix)
-        if int(status) == 0:
-            self._cholesky, self._eigen = factor, None
+        # One factorisation per diagonal block (a single block unless the operator is block-diagonal).
+        matrices = [hessian[block, block] for _, block in operator.blocks]
+        eigenvalues = torch.cat([torch.linalg.eigvalsh(matrix) for matrix in matrices])
+        report = spectrum_report(eigenvalues, self.regularization, operator.dtype, complete=True)
+        self._factors = []
+        for matrix in matrices:
+            damped = matrix + self.regularization * torch.eye(len(matrix), dtype=dtype, device=operator.device)
+            factor, status = torch.linalg.cholesky_ex(damped)
+            self._factors.append(factor if int(status) == 0 else torch.linalg.eigh(damped))
+        if all(isinstance(factor, Tensor) for factor in self._factors):
             return {"factorization": "cholesky", **report}
-        self._cholesky, self._eigen = None, torch.linalg.eigh(matrix)
         warnings.warn(
             "direct: Cholesky failed, so H + λI is solved with an eigendecomposition pseudo-inverse "
             f"(eigenvalues below {self.eigen_rtol:g} × the largest in magnitude are left out).",
@@ -52,12 +56,15 @@ class DirectSolver(Solver, method="direct"):
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         columns = rhs.T.to(work_dtype(rhs.device))
-        if self._cholesky is not None:
-            solution = torch.cholesky_solve(columns, self._cholesky)
-        else:
-            assert self._eigen is not None
-            eigenvalues, eigenvectors = self._eigen
-            keep = eigenvalues.abs() > self.eigen_rtol * eigenvalues.abs().max()
-            inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, torch.ones_like(eigenvalues)), 0.0)
-            solution = eigenvectors @ (inverse.unsqueeze(1) * (eigenvectors.T @ columns))
+        solution = torch.empty_like(columns)
+        for (_, block), factor in zip(self._fitted().blocks, self._factors):
+            solution[block] = self._solve_block(factor, columns[block])
         return solution.T.to(rhs.dtype), {}
+
+    def _solve_block(self, factor: Tensor | tuple[Tensor, Tensor], columns: Tensor) -> Tensor:
+        if isinstance(factor, Tensor):
+            return torch.cholesky_solve(columns, factor)
+        eigenvalues, eigenvectors = factor
+        keep = eigenvalues.abs() > self.eigen_rtol * eigenvalues.abs().max()
+        inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, torch.ones_like(eigenvalues)), 0.0)
+        return eigenvectors @ (inverse.unsqueeze(1) * (eigenvectors.T @ columns))

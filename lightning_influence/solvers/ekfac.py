@@ -7,7 +7,8 @@ approximated from per-example pseudo-gradients G = Σₜ δₜ aₜᵀ ([out, in
     Λ[o, i] = E[(Q_Sᵀ G Q_A)[o, i]²]                 (eigenvalue correction, a second pass),
     C_layer = (Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ,   (C_layer + λI)⁻¹ V = Q_S [(Q_Sᵀ V Q_A) / (Λ + λ)] Q_Aᵀ.
 
-Blocks of different layers are independent (block-diagonal curvature). The pseudo-gradients are those of the
+Blocks of different layers are independent (block-diagonal curvature), and the curvature is the GGN's
+whatever the operator's `curvature` and `block_diagonal` options say. The pseudo-gradients are those of the
 Gauss-Newton (GGN, for cross-entropy the true Fisher) matrix, taken exactly rather than sampled: with
 Rᵢ Rᵢᵀ = ∇²ₒ ℓ(oᵢ, yᵢ) (the per-example Hessian of the loss in the network outputs, K × K), each column of Rᵢ is
 back-propagated as an output cotangent, so GGN = (1/N) Σᵢ Σ_c gᵢc gᵢcᵀ with no sampling noise (K reverse passes
