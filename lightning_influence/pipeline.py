@@ -277,7 +277,8 @@ def compute_influence(
     method = InversionMethod.parse(method)
     kind = InfluenceType.parse(influence_type)
     kwargs = dict(method_kwargs or {})
-    options = make_solver(method, **kwargs).options  # validates the options before any work
+    configured = make_solver(method, **kwargs)  # validates the options before any work
+    options = configured.options
     regularization = check_regularization(hessian_regularization)
     check_curvature(curvature, block_diagonal)
     batch_size = positive_int("batch_size", batch_size)
@@ -355,7 +356,7 @@ def compute_influence(
                 fitted()
         # Iterative solvers solve self-influence blocks together, so processes take chunk positions in lockstep
         # (a process with fewer or finished chunks joins with an empty one); the largest shard is rank zero's.
-        lockstep = distribution.is_distributed and Solver.registry[method].collective_solve
+        lockstep = distribution.is_distributed and configured.collective_solve
         num_positions = -(-(-(-len(train_indices) // distribution.world_size)) // chunk_size)
         local: dict[str, Tensor] = {}
         for stage, axis, score in stages:

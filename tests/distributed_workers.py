@@ -24,6 +24,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("direct", {}),
     ("cg", {"rtol": 1e-12}),
     ("arnoldi", {"rank": 8}),
+    ("nystroem", {"rank": 4, "refine": 30}),  # refining makes passes in solve: processes solve in lockstep
 ]
 REGULARIZATION = 0.01
 LISSA = {"maxiter": 40, "rtol": 1e-30, "scale": 20.0}  # a fixed number of steps

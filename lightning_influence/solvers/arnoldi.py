@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Solver, positive_int, spectrum_report, work_dtype
+from .base import ApproximateSolver, positive_int, spectrum_report, work_dtype
 from .nystroem import complement_curvature
 
 ARNOLDI_COMPLEMENTS = ("none", "damping", "trace")
 
 
-class ArnoldiSolver(Solver, method="arnoldi"):
+class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
     """(H + λI)⁻¹ ≈ V diag(1 / (θ + λ)) Vᵀ on the `rank` eigenpairs (θ, V) of H largest in magnitude.
 
     A Krylov basis of `krylov_dimension` vectors (default min(p, 2·rank + 10)) is built with one Hessian pass per
@@ -22,10 +22,9 @@ class ArnoldiSolver(Solver, method="arnoldi"):
     (the projection variant of Schioppa et al., 2022); `"damping"` gives them curvature 0, i.e. 1/λ (the
     Woodbury form of (V diag(θ) Vᵀ + λI)⁻¹); `"trace"` gives them the mean eigenvalue left over,
     μ = (trace(H) − Σθ) / (p − rank) with trace(H) by Hutchinson's estimator (`num_probes` vectors, one batched
-    pass): x = V diag(1/(θ + λ)) Vᵀ b + (b − V Vᵀ b) / (μ + λ).
+    pass): x = V diag(1/(θ + λ)) Vᵀ b + (b − V Vᵀ b) / (μ + λ). `refine=k` adds k conjugate-gradient steps on the
+    exact system, preconditioned by this inverse (see `ApproximateSolver`).
     """
-
-    collective_solve = False
 
     def __init__(
         self,
@@ -34,8 +33,9 @@ class ArnoldiSolver(Solver, method="arnoldi"):
         seed: int = 0,
         complement: str = "none",
         num_probes: int = 64,
+        refine: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(refine)
         if complement not in ARNOLDI_COMPLEMENTS:
             raise ValueError(f"complement must be one of {list(ARNOLDI_COMPLEMENTS)}, got {complement!r}.")
         self.complement = complement
@@ -101,7 +101,7 @@ class ArnoldiSolver(Solver, method="arnoldi"):
             vector = product / norm
         return basis, (tridiagonal + tridiagonal.T) / 2
 
-    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def _approximate(self, rhs: Tensor) -> Tensor:
         assert self._eigenvectors is not None and self._eigenvalues is not None
         vectors = self._eigenvectors
         block = rhs.to(vectors.dtype)
@@ -112,4 +112,4 @@ class ArnoldiSolver(Solver, method="arnoldi"):
             if damped <= 0:
                 raise ValueError(f"arnoldi complement={self.complement!r} needs hessian_regularization > 0.")
             solution = solution + (block - projections @ vectors.T) / damped
-        return solution.to(rhs.dtype), {}
+        return solution.to(rhs.dtype)

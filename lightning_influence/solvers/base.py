@@ -14,6 +14,7 @@ from torch import Tensor
 from ..curvature import CurvatureOperator
 from ..enums import InversionMethod
 from ..twice_differentiable import check_finite
+from .krylov import conjugate_gradient
 
 
 class InverseHvpResult(NamedTuple):
@@ -32,9 +33,12 @@ class Solver(ABC):
 
     registry: ClassVar[dict[InversionMethod, type[Solver]]] = {}
     method: ClassVar[InversionMethod]
-    #: Whether `solve` makes passes over the training data (reduced across processes), so that every process
-    #: must solve the same block at the same time. False for methods that solve from what `fit` stored.
-    collective_solve: ClassVar[bool] = True
+
+    @property
+    def collective_solve(self) -> bool:
+        """Whether `solve` makes passes over the training data (reduced across processes), so that every process
+        must solve the same block at the same time. False for methods that solve from what `fit` stored."""
+        return True
 
     def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +123,43 @@ class Solver(ABC):
     @abstractmethod
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Solve for a block [M, p] of right-hand sides; return the block and convergence facts."""
+
+
+class ApproximateSolver(Solver):
+    """A method that stores an approximate inverse M⁻¹ ≈ (H + λI)⁻¹ at fit time (arnoldi, ekfac, nystroem).
+
+    `refine=k` then runs k steps of conjugate gradient on the exact system (H + λI) x = b, started at M⁻¹b and
+    preconditioned by M⁻¹. The approximation handles the directions it models; each step, one pass over the
+    training data for all right-hand sides together, recovers part of what it misses (for a low-rank inverse,
+    the many low-curvature directions that dominate influence). `refine=0` (default) returns M⁻¹b and solves
+    without touching the data.
+    """
+
+    def __init__(self, refine: int = 0) -> None:
+        super().__init__()
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be an integer ≥ 0 (conjugate-gradient steps), got {refine!r}.")
+        self.refine = refine
+
+    @property
+    def collective_solve(self) -> bool:
+        return self.refine > 0
+
+    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        initial = self._approximate(rhs)
+        if not self.refine:
+            return initial, {}
+        solution, info = conjugate_gradient(self.apply_damped, rhs, self._approximate, initial=initial,
+                                            maxiter=self.refine)
+        return solution, {
+            "refine_iterations": info["iterations"],
+            "max_relative_residual": info["max_relative_residual"],
+            "mean_relative_residual": info["mean_relative_residual"],
+        }
+
+    @abstractmethod
+    def _approximate(self, rhs: Tensor) -> Tensor:
+        """M⁻¹ B for a block [M, p] of right-hand sides, from what `fit` stored."""
 
 
 #: λ = AUTO_DAMPING_FRACTION × (mean eigenvalue of H) when hessian_regularization="auto".

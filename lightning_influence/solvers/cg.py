@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import Solver, non_negative_float, positive_int
+from .krylov import conjugate_gradient
 
 PRECONDITIONERS = (None, "jacobi", "nystroem")
 
@@ -76,50 +77,16 @@ class ConjugateGradientSolver(Solver, method="cg"):
         return residual if self._inverse_diagonal is None else residual * self._inverse_diagonal
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        rhs_norm = rhs.norm(dim=1)
-        threshold = torch.clamp(self.rtol * rhs_norm, min=self.atol)
-        solution = torch.zeros_like(rhs)
-        residual = rhs.clone()
-        preconditioned = self._precondition(residual)
-        direction = preconditioned.clone()
-        residual_dot = (residual * preconditioned).sum(1)
-        active = residual.norm(dim=1) > threshold
-        iterations = 0
-        while bool(active.any()) and iterations < self.maxiter:
-            iterations += 1
-            rows = active.nonzero().squeeze(1)
-            d = direction[rows]
-            product = self.apply_damped(d)
-            curvature = (d * product).sum(1)
-            if bool((curvature <= 0).any()):
-                warnings.warn(
-                    "cg met a direction of non-positive curvature: H + λI is not positive definite, so cg may "
-                    "not converge. Increase hessian_regularization.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            step = residual_dot[rows] / curvature
-            solution[rows] += step.unsqueeze(1) * d
-            residual[rows] -= step.unsqueeze(1) * product
-            still = residual[rows].norm(dim=1) > threshold[rows]
-            new_preconditioned = self._precondition(residual[rows])
-            new_dot = (residual[rows] * new_preconditioned).sum(1)
-            direction[rows] = new_preconditioned + (new_dot / residual_dot[rows]).unsqueeze(1) * d
-            residual_dot[rows] = new_dot
-            active[rows] = still
-        relative = residual.norm(dim=1) / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
-        converged = not bool(active.any())
-        if not converged:
+        solution, info = conjugate_gradient(
+            self.apply_damped, rhs, self._precondition, rtol=self.rtol, atol=self.atol, maxiter=self.maxiter
+        )
+        if not info["converged"]:
             warnings.warn(
-                f"cg did not reach its tolerance on {int(active.sum())} of {rhs.shape[0]} right-hand sides in "
-                f"{self.maxiter} iterations (largest relative residual {float(relative.max()):.2e}); raise "
+                f"cg did not reach its tolerance on {info['unconverged']} of {rhs.shape[0]} right-hand sides in "
+                f"{self.maxiter} iterations (largest relative residual {info['max_relative_residual']:.2e}); raise "
                 "maxiter, use preconditioner='jacobi', or increase hessian_regularization.",
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return solution, {
-            "iterations": iterations,
-            "converged": converged,
-            "max_relative_residual": float(relative.max()),
-            "mean_relative_residual": float(relative.mean()),
-        }
+        return solution, info
+

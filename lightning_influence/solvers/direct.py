@@ -20,7 +20,7 @@ class DirectSolver(Solver, method="direct"):
     fixes an indefinite or ill-conditioned matrix, or a λ that swamps the curvature.
     """
 
-    collective_solve = False
+    collective_solve = False  # type: ignore[assignment]  # solves from the stored factorisation
 
     def __init__(self, eigen_rtol: float = 1e-10) -> None:
         super().__init__()

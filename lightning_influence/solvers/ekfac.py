@@ -26,23 +26,24 @@ from torch import Tensor
 from ..data import batch_size
 from ..layers import LayerStructure
 from ..twice_differentiable import check_finite
-from .base import Solver, positive_int, work_dtype
+from .base import ApproximateSolver, positive_int, work_dtype
 
 FACTOR_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-class EkfacSolver(Solver, method="ekfac"):
+class EkfacSolver(ApproximateSolver, method="ekfac"):
     """(C + λI)⁻¹ with C the per-layer eigenvalue-corrected Kronecker approximation of the Gauss-Newton matrix.
 
     Options: `samples` (None: exact GGN pseudo-gradients from the output-Hessian factor; k: k Rademacher
     combinations per example), `factor_dtype` ("float64" default: factors and eigen-decompositions are
-    accumulated in double precision; "float32" halves their memory), `seed` for the sampled variant.
+    accumulated in double precision; "float32" halves their memory), `seed` for the sampled variant, `refine`
+    for conjugate-gradient steps on the operator's exact curvature preconditioned by EK-FAC (`ApproximateSolver`).
     """
 
-    collective_solve = False
-
-    def __init__(self, samples: int | None = None, factor_dtype: str = "float64", seed: int = 0) -> None:
-        super().__init__()
+    def __init__(
+        self, samples: int | None = None, factor_dtype: str = "float64", seed: int = 0, refine: int = 0
+    ) -> None:
+        super().__init__(refine)
         self.samples = positive_int("samples", samples, allow_none=True)
         if factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"factor_dtype must be one of {sorted(FACTOR_DTYPES)}, got {factor_dtype!r}.")
@@ -136,7 +137,7 @@ class EkfacSolver(Solver, method="ekfac"):
             "min_eigenvalue": smallest,
         }
 
-    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def _approximate(self, rhs: Tensor) -> Tensor:
         assert self.structure is not None
         dtype = self._dtype()
         solved = []
@@ -145,7 +146,7 @@ class EkfacSolver(Solver, method="ekfac"):
         ):
             rotated = q_s.T @ matrix @ q_a  # [M, out, in']
             solved.append(q_s @ (rotated / (eigenvalues + self.regularization)) @ q_a.T)
-        return self.structure.from_matrices(solved).to(rhs.dtype), {}
+        return self.structure.from_matrices(solved).to(rhs.dtype)
 
     def curvature_matrix(self) -> Tensor:
         """The approximate curvature C (block-diagonal over layers) as a dense [p, p] matrix; for tests."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Solver, positive_int, work_dtype
+from .base import ApproximateSolver, positive_int, work_dtype
 
 COMPLEMENTS = ("trace", "damping")
 
@@ -33,10 +33,9 @@ def complement_curvature(operator: Any, eigenvalues: Tensor, num_probes: int, se
     return max(0.0, (trace - float(eigenvalues.clamp_min(0).sum())) / (p - rank))
 
 
-class NystroemSolver(Solver, method="nystroem"):
-    """(Ĥ + λI)⁻¹ with Ĥ a rank-`rank` randomised Nyström approximation of H; exact when rank = p."""
-
-    collective_solve = False
+class NystroemSolver(ApproximateSolver, method="nystroem"):
+    """(Ĥ + λI)⁻¹ with Ĥ a rank-`rank` randomised Nyström approximation of H; exact when rank = p. `refine=k`
+    adds k conjugate-gradient steps on the exact system, preconditioned by this inverse."""
 
     def __init__(
         self,
@@ -45,8 +44,9 @@ class NystroemSolver(Solver, method="nystroem"):
         complement: str = "trace",
         num_probes: int = 64,
         seed: int = 0,
+        refine: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(refine)
         self.rank = positive_int("rank", rank)
         if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 0:
             raise ValueError(f"power_iterations must be an integer ≥ 0, got {power_iterations!r}.")
@@ -83,19 +83,19 @@ class NystroemSolver(Solver, method="nystroem"):
             "complement_eigenvalue": self._complement,
         }
 
-    def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def _approximate(self, rhs: Tensor) -> Tensor:
         assert self._eigenvectors is not None and self._eigenvalues is not None
         vectors = self._eigenvectors
         block = rhs.to(vectors.dtype)
         coefficients = block @ vectors  # [M, r]
         inside = (coefficients / (self._eigenvalues + self.regularization)) @ vectors.T
         if vectors.shape[1] >= vectors.shape[0]:
-            return inside.to(rhs.dtype), {}
+            return inside.to(rhs.dtype)
         complement = self._complement + self.regularization
         if complement <= 0:
             raise ValueError("nystroem with rank < p needs hessian_regularization > 0 (or complement='trace').")
         outside = (block - coefficients @ vectors.T) / complement
-        return (inside + outside).to(rhs.dtype), {}
+        return (inside + outside).to(rhs.dtype)
 
     def preconditioner(self) -> tuple[Tensor, Tensor, float]:
         """(U, Λ, μ): the fitted low-rank factors and complement curvature, for preconditioning."""
