@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .curvature import Curvature, check_curvature
+from .data import parse_memory
 from .distributed import Distribution, refuse_unsupported_strategy
 from .enums import InfluenceType, InversionMethod
 from .pipeline import BatchTransform, IndexedData, compute_influence
@@ -92,6 +93,8 @@ class InfluenceCallback(pl.Callback):
         self_influence: also compute self-influence of every training example (finds mislabelled data).
         top_k: helpful/harmful examples reported per query.
         batch_size: examples per batch in every pass over the data.
+        max_memory: bytes, or a string such as ``"2GB"``, for the per-example gradients and score chunks held
+            at once (see `TwiceDifferentiable`); None: bounded by ``batch_size`` alone.
         save_dir: where the tensors and report files go. Default: ``<trainer.log_dir>/influence``.
         progress: show progress bars. Default: follow the trainer's progress bar.
         on_error: ``raise`` to propagate a failure of the influence computation, ``warn`` to warn and let the
@@ -118,6 +121,7 @@ class InfluenceCallback(pl.Callback):
         self_influence: bool = False,
         top_k: int = 5,
         batch_size: int = 64,
+        max_memory: int | str | None = None,
         save_dir: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
         on_error: OnError = "raise",
@@ -143,6 +147,8 @@ class InfluenceCallback(pl.Callback):
         self.query_indices = _check_indices(query_indices, "query_indices")
         self.top_k = positive_int("top_k", top_k)
         self.batch_size = positive_int("batch_size", batch_size)
+        parse_memory(max_memory)  # a malformed size fails now, not after training
+        self.max_memory = max_memory
         for name, flag in (("self_influence", self_influence), ("compute_on_fit_end", compute_on_fit_end)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}.")
@@ -195,7 +201,7 @@ class InfluenceCallback(pl.Callback):
     # -- steps --------------------------------------------------------------------------------------------
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult:
         distribution = distribution_for(trainer)
-        model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params)
+        model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params, max_memory=self.max_memory)
         training = self.training_data
         if training is None:
             training = self._indexed(self._trainer_data(trainer, "train"), "training_data")

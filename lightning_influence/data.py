@@ -117,3 +117,43 @@ def iterate_batches(
         yield index, to_model(inputs, device, dtype), to_model(targets, device, dtype)
     if empty and not allow_empty:
         raise ValueError(f"{name} yielded no batches; pass a DataLoader over a non-empty dataset.")
+
+
+def slice_batch(inputs: Any, targets: torch.Tensor, start: int, stop: int) -> tuple[Any, torch.Tensor]:
+    """Examples start:stop of a batch (every tensor leaf of the inputs sliced along its first dimension)."""
+    cut = lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return tree_map(cut, inputs), targets[start:stop]
+
+
+def row_slices(total: int, rows: int | None) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive pieces of at most `rows` of `total` rows (one piece when rows is None)."""
+    step = max(1, total if rows is None else rows)
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(value: int | str | None, name: str = "max_memory") -> int | None:
+    """A memory size in bytes from an integer or a string such as "512MB" or "2GiB" (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, ""
+    elif isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        number, unit = digits, text[len(digits):]
+    else:
+        raise TypeError(f"{name} must be a number of bytes or a string such as '2GB', got {value!r}.")
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"{name}={value!r} is not a memory size; use bytes or a number with a unit such as '512MB' or '2GiB'."
+        ) from None
+    if size <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}.")
+    return size

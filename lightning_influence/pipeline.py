@@ -266,7 +266,9 @@ def compute_influence(
 
     Every process of `distribution` calls this with the same arguments; each scores its shard of the training
     indices, sums over the training data go through `distribution.reducer`, and only global rank zero writes
-    shared files. Chunks hold `batch_size * chunk_batches` training examples.
+    shared files. Chunks hold `batch_size * chunk_batches` training examples, fewer where the model's
+    `max_memory` cannot hold their [M, chunk] scores (and perturbations); the final [M, N] result, the factors
+    [M, p] and the solver's own state are outside that budget.
     """
     distribution = distribution if distribution is not None else local_distribution()
     if not isinstance(model, TwiceDifferentiable):
@@ -285,6 +287,11 @@ def compute_influence(
     chunk_size = batch_size * positive_int("chunk_batches", chunk_batches)
     train_indices = training_data.check_indices(train_indices, "train_indices")
     query_indices = query_data.check_indices(query_indices, "query_indices")
+    if model.max_memory is not None:  # a chunk's scores (and perturbations) must fit in the budget
+        values_per_example = len(query_indices)
+        if kind is InfluenceType.perturbation:
+            values_per_example *= 1 + training_data.examples(train_indices[:1])[0][0].numel()
+        chunk_size = max(1, min(chunk_size, model.max_memory // (values_per_example * model.dtype.itemsize)))
     folder = Path(save_dir)
     with distribution.stage("checking save_dir"):
         if distribution.is_global_zero:
@@ -405,8 +412,8 @@ def compute_influence(
         "influence_type": kind.value,
         "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
         "parameter_names": model.param_names, "dtype": str(model.dtype), "self_influence": bool(self_influence),
-        "batch_size": batch_size, "chunk_size": chunk_size, "world_size": distribution.world_size,
-        "convergence": convergence, "timings": timings, "versions": versions(), "resumed": resumed,
+        "batch_size": batch_size, "chunk_size": chunk_size, "max_memory": model.max_memory,
+        "world_size": distribution.world_size, "convergence": convergence, "timings": timings, "versions": versions(), "resumed": resumed,
         "fingerprint": fingerprint,
     })
     result = InfluenceResult(

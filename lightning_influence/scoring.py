@@ -1,7 +1,8 @@
 """Influence scores as a bilinear form, streamed over the training data one batch at a time.
 
 Memory stays bounded by (batch × p + M × p): per-example gradients of one batch are formed, contracted with
-the factors, and dropped before the next batch is read.
+the factors, and dropped before the next batch is read. With the model's `max_memory`, a batch is further cut
+into pieces of `model.example_rows()` examples, so the bound becomes that budget plus M × p.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import iterate_batches
+from .data import batch_size, iterate_batches, row_slices, slice_batch
 from .layers import LayerStructure
 from .solvers import Solver
 from .twice_differentiable import TwiceDifferentiable, check_finite
@@ -41,13 +42,17 @@ def _example_gradients(model: TwiceDifferentiable, structure: LayerStructure | N
 def gradients(
     model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
 ) -> Iterator[tuple[int, Tensor]]:
-    """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p], checked finite."""
+    """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p] (in pieces of at most `model.example_rows()`
+    rows under a memory budget), checked finite, with the index of the batch they came from."""
     structure = layer_structure(model)
+    rows = model.example_rows()
     for index, inputs, targets in iterate_batches(data, model.device, model.dtype, name=name, progress=progress):
         if index == 0:
             model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
-        block = _example_gradients(model, structure, inputs, targets)
-        yield index, check_finite(block, f"per-example gradients of {name}", index)
+        for start, stop in row_slices(batch_size(inputs), rows):
+            piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
+            block = _example_gradients(model, structure, piece_inputs, piece_targets)
+            yield index, check_finite(block, f"per-example gradients of {name}", index)
 
 
 def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False) -> Tensor:
@@ -58,7 +63,7 @@ def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: 
 def up_score_blocks(
     model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
 ) -> Iterator[Tensor]:
-    """Blocks of I_up = factors · ∇θ ℓ(zᵢ)ᵀ, one [M, B] block per batch of `data`, in loader order."""
+    """Blocks of I_up = factors · ∇θ ℓ(zᵢ)ᵀ, [M, B] per batch of `data` (or per piece of it), in loader order."""
     for _, block in gradients(model, data, name="input_data", progress=progress):
         yield factors @ block.T
 
@@ -66,13 +71,19 @@ def up_score_blocks(
 def perturbation_score_blocks(
     model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
 ) -> Iterator[Tensor]:
-    """Blocks of I_pert = ∇ₓ ⟨s, ∇θ ℓ(zᵢ)⟩, one [M, B, *x_shape] block per batch of `data`."""
+    """Blocks of I_pert = ∇ₓ ⟨s, ∇θ ℓ(zᵢ)⟩, [M, B, *x_shape] per batch of `data`; under the model's
+    `max_memory` each block holds as many examples as fit (at least one)."""
     batches = iterate_batches(data, model.device, model.dtype, name="input_data", progress=progress)
     for index, inputs, targets in batches:
         if index == 0:
             model.batch_loss(inputs, targets)  # checked once: the check costs a forward pass
-        block = model.mixed_grad(inputs, targets, factors)
-        yield check_finite(block, "perturbation influence", index)
+        rows = None
+        if model.max_memory is not None and isinstance(inputs, Tensor):
+            rows = model.max_memory // (factors.shape[0] * inputs[0].numel() * inputs.element_size())
+        for start, stop in row_slices(batch_size(inputs), rows):
+            piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
+            block = model.mixed_grad(piece_inputs, piece_targets, factors)
+            yield check_finite(block, "perturbation influence", index)
 
 
 def self_influence_blocks(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
+from .data import parse_memory
 from .errors import NonFiniteError
 
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -55,6 +56,9 @@ class TwiceDifferentiable:
         params: names or glob patterns (``"fc.*"``) of the parameters to differentiate; None for all trainable.
         chunk_size: examples per vectorised chunk in per-example computations (None: the whole batch). Smaller
             bounds memory without changing results.
+        max_memory: bytes (or a string such as ``"2GB"``) for the per-example blocks that scoring holds at once:
+            each batch's per-example gradients are formed ``example_rows()`` rows at a time, and result chunks
+            are sized to fit (see `compute_influence`). Results are unchanged; None sizes by the batch alone.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class TwiceDifferentiable:
         params: str | Sequence[str] | None = None,
         *,
         chunk_size: int | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -85,6 +90,22 @@ class TwiceDifferentiable:
         self.dtype: torch.dtype = selected[0].dtype
         self.device: torch.device = selected[0].device
         self._reverse_over_reverse = False
+        self.max_memory = parse_memory(max_memory)
+        if self.max_memory is not None and self.max_memory < self._example_bytes():
+            raise ValueError(
+                f"max_memory={max_memory!r} cannot hold one per-example gradient of {self.num_params:,} parameters "
+                f"({self._example_bytes():,} bytes with its working copy); raise it to at least that."
+            )
+
+    # -- memory -------------------------------------------------------------------------------------------
+    def _example_bytes(self) -> int:
+        """Bytes one example's row of per-example gradients takes while it is formed: the row and a copy (the
+        per-layer gradient before it is flattened into the row)."""
+        return 2 * self.num_params * self.dtype.itemsize
+
+    def example_rows(self) -> int | None:
+        """How many examples' per-example gradients [rows, p] fit in `max_memory` at once (None: no budget)."""
+        return None if self.max_memory is None else self.max_memory // self._example_bytes()
 
     # -- parameters ---------------------------------------------------------------------------------------
     @property

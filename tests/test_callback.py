@@ -327,18 +327,22 @@ def test_configured_from_a_lightning_cli_yaml(tmp_path):
         "  callbacks:\n"
         "    - class_path: lightning_influence.InfluenceCallback\n"
         "      init_args:\n"
-        "        loss_fn: cross_entropy\n        method: arnoldi\n        method_kwargs: {rank: 3}\n"
-        "        hessian_regularization: 0.1\n        num_queries: 2\n        params: ['net.2.*']\n"
+        "        loss_fn: cross_entropy\n        method: arnoldi\n        method_kwargs: {rank: 3, refine: 2, complement: trace}\n"
+        "        hessian_regularization: 0.1\n        num_queries: 2\n        params: ['net.*']\n"
         "        self_influence: true\n        on_error: warn\n        top_k: 2\n"
+        "        curvature: ggn\n        block_diagonal: true\n        max_memory: 1MB\n"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = LightningCLI(Classifier, run=False, args=["--config", str(config)], save_config_callback=None)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCallback)]
     assert callback.loss_fn is F.cross_entropy and callback.method.value == "arnoldi"
-    assert callback.method_kwargs == {"rank": 3} and callback.params == ["net.2.*"]
+    assert callback.method_kwargs == {"rank": 3, "refine": 2, "complement": "trace"} and callback.params == ["net.*"]
     assert (callback.hessian_regularization, callback.num_queries, callback.self_influence) == (0.1, 2, True)
     x, y = blobs(32)
     cli.trainer.fit(cli.model, *loaders(x, y, *blobs(6, seed=1)))
     assert callback.result.scores.shape == (2, 32) and callback.result.self_influence.shape == (32,)
-    assert callback.result.metadata["options"]["rank"] == 3
+    metadata = callback.result.metadata
+    assert metadata["options"]["rank"] == 3 and metadata["options"]["refine"] == 2
+    assert metadata["convergence"]["refine_iterations"] == 2
+    assert (metadata["curvature"], metadata["block_diagonal"], metadata["max_memory"]) == ("ggn", True, 10**6)

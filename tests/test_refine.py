@@ -64,6 +64,21 @@ def test_bad_refine_values_are_refused(value):
         make_solver("arnoldi", refine=value)
 
 
+def test_arnoldi_refuses_to_refine_with_a_singular_preconditioner():
+    with pytest.raises(ValueError, match="use complement='trace' or 'damping' with refine"):
+        make_solver("arnoldi", rank=3, refine=2)
+
+
+def test_a_preconditioner_that_maps_a_residual_to_zero_stops_that_row_without_nan():
+    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    rhs = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    keep_first_two = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    solution, info = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r * keep_first_two, maxiter=5)
+    assert bool(torch.isfinite(solution).all())
+    torch.testing.assert_close(solution[0], torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    assert info["unconverged"] == 1 and not info["converged"]
+
+
 def test_exact_and_iterative_methods_do_not_take_refine():
     with pytest.raises(TypeError, match=r"Unknown option\(s\) \['refine'\] for inversion method 'cg'"):
         make_solver("cg", refine=2)

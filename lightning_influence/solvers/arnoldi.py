@@ -38,6 +38,11 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         super().__init__(refine)
         if complement not in ARNOLDI_COMPLEMENTS:
             raise ValueError(f"complement must be one of {list(ARNOLDI_COMPLEMENTS)}, got {complement!r}.")
+        if refine and complement == "none":
+            raise ValueError(
+                "arnoldi refine needs an invertible preconditioner, and complement='none' maps every direction "
+                "outside the eigenvectors to 0: use complement='trace' or 'damping' with refine."
+            )
         self.complement = complement
         self.num_probes = positive_int("num_probes", num_probes)
         self._complement: float | None = None

@@ -51,20 +51,24 @@ def conjugate_gradient(
                 RuntimeWarning,
                 stacklevel=5,
             )
-        step = residual_dot[rows] / curvature
+        # A zero direction (the preconditioner maps the residual to 0) cannot make progress: stop that row.
+        stalled = curvature == 0
+        step = residual_dot[rows] / torch.where(stalled, torch.ones_like(curvature), curvature)
+        step = torch.where(stalled, torch.zeros_like(step), step)
         solution[rows] += step.unsqueeze(1) * d
         residual[rows] -= step.unsqueeze(1) * product
-        still = residual[rows].norm(dim=1) > threshold[rows]
+        still = (residual[rows].norm(dim=1) > threshold[rows]) & ~stalled
         new_preconditioned = precondition(residual[rows])
         new_dot = (residual[rows] * new_preconditioned).sum(1)
         direction[rows] = new_preconditioned + (new_dot / residual_dot[rows]).unsqueeze(1) * d
         residual_dot[rows] = new_dot
         active[rows] = still
     relative = residual.norm(dim=1) / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
+    unconverged = int((residual.norm(dim=1) > threshold).sum())
     return solution, {
         "iterations": iterations,
-        "converged": not bool(active.any()),
-        "unconverged": int(active.sum()),
+        "converged": unconverged == 0,
+        "unconverged": unconverged,
         "max_relative_residual": float(relative.max()),
         "mean_relative_residual": float(relative.mean()),
     }
