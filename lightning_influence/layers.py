@@ -226,12 +226,29 @@ class LayerStructure:
         return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
 
     def example_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Per-example gradients [B, p] as outer products δ aᵀ: one forward and one reverse pass, no vmap."""
+        """Per-example gradients [B, p] as outer products δ aᵀ: one forward and one reverse pass, no vmap.
+
+        Each layer's products are written straight into their columns of the [B, p] result (one write of
+        B × p values, no intermediate copy: the write is most of the cost when p is large).
+        """
         outputs, activations, layer_outputs = self.forward(inputs)
         cotangent = self.example_output_gradients(outputs, targets)
         deltas = self.backward(outputs, layer_outputs, cotangent, retain=False)
-        matrices = [torch.einsum("bto,bti->boi", d, a) for d, a in zip(deltas, activations)]
-        return self.from_matrices(matrices)
+        count = cotangent.shape[0]
+        gradients = cotangent.new_empty(count, self.model.num_params)
+        for block, delta, a in zip(self.blocks, deltas, activations):
+            if block.weight:
+                start, numel = self._offsets[block.weight]
+                region = gradients[:, start : start + numel].view(count, block.out_features, block.in_features)
+                weight_inputs = a[:, :, : block.in_features]
+                if a.shape[1] == 1:  # one position: a plain outer product
+                    torch.mul(delta[:, 0, :, None], weight_inputs[:, 0, None, :], out=region)
+                else:
+                    region.copy_(torch.einsum("bto,bti->boi", delta, weight_inputs))
+            if block.bias:
+                start, numel = self._offsets[block.bias]
+                gradients[:, start : start + numel] = delta.sum(1)
+        return gradients
 
     def scores(self, inputs: Any, targets: Tensor, factor_matrices: Sequence[Tensor]) -> Tensor:
         """⟨F_m, ∇θ ℓ(zᵢ)⟩ for factors given per layer ([M, out, in'] each), [M, B], as Σₜ δₜᵀ F aₜ.

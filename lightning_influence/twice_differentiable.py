@@ -296,8 +296,12 @@ class TwiceDifferentiable:
 
 
 def check_finite(tensor: Tensor, stage: str, batch: int | None = None) -> Tensor:
-    """Return `tensor`, or raise NonFiniteError naming the stage and batch when it holds NaN or Inf."""
-    if not bool(torch.isfinite(tensor).all()):
+    """Return `tensor`, or raise NonFiniteError naming the stage and batch when it holds NaN or Inf.
+
+    A NaN or Inf anywhere makes the sum non-finite, so one reduction (at memory speed) clears the common case;
+    only a non-finite sum, which may also be an overflow of finite values, is checked element by element.
+    """
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise NonFiniteError(
             stage,
             batch,
