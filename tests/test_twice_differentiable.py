@@ -145,3 +145,16 @@ def test_hessian_products_fall_back_to_reverse_mode_where_forward_mode_fails():
     model = TwiceDifferentiable(nn.Linear(3, 1).double(), F.mse_loss)
     vectors = torch.randn(2, model.num_params, generator=generator, dtype=torch.float64)
     torch.testing.assert_close(model.batch_hvp(x, y, vectors), vectors @ model.batch_hessian(x, y))
+
+
+def test_check_finite_tells_an_overflowing_sum_from_nan_and_inf():
+    from lightning_influence.errors import NonFiniteError
+    from lightning_influence.twice_differentiable import check_finite
+
+    large = torch.full((4, 3), 3e38, dtype=torch.float32)  # finite values whose sum overflows
+    assert check_finite(large, "stage") is large
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.ones(4, 3)
+        tensor[2, 1] = bad
+        with pytest.raises(NonFiniteError, match="gradients in batch 7"):
+            check_finite(tensor, "gradients", 7)
