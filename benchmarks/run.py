@@ -176,10 +176,11 @@ def pydvl(problem: Problem, device: str, name: str, **options: Any) -> Callable[
         else:
             model = cls(module, F.cross_entropy, regularization=problem.regularization, **options)
         model = model.fit(problem.curvature_loader(device))
-        x_test, y_test = problem.x_test.to(device), problem.y_test.to(device)
+        # The factors once for all queries, then scores batch by batch (`influences` would solve again per batch).
+        factors = model.influence_factors(problem.x_test.to(device), problem.y_test.to(device))
         blocks = []
         for x, y in problem.train_loader(device):
-            blocks.append(model.influences(x_test, y_test, x, y, mode=InfluenceMode.Up).detach())
+            blocks.append(model.influences_from_factors(factors, x, y, mode=InfluenceMode.Up).detach())
         return torch.cat(blocks, dim=1)
 
     return run
