@@ -290,7 +290,9 @@ def compute_influence(
     if model.max_memory is not None:  # a chunk's scores (and perturbations) must fit in the budget
         values_per_example = len(query_indices)
         if kind is InfluenceType.perturbation:
-            values_per_example *= 1 + training_data.examples(train_indices[:1])[0][0].numel()
+            example_inputs = training_data.examples(train_indices[:1])[0]
+            if isinstance(example_inputs, Tensor):
+                values_per_example *= 1 + example_inputs[0].numel()
         chunk_size = max(1, min(chunk_size, model.max_memory // (values_per_example * model.dtype.itemsize)))
     folder = Path(save_dir)
     with distribution.stage("checking save_dir"):

@@ -183,12 +183,19 @@ class TwiceDifferentiable:
         def reverse_over_reverse(vector: Tensor) -> Tensor:
             return vjp(gradient, flat)[1](vector)[0]
 
+        return self._map_vectors(forward_over_reverse, reverse_over_reverse, vectors)
+
+    def _map_vectors(
+        self, forward_mode: Callable[[Tensor], Tensor], reverse_mode: Callable[[Tensor], Tensor], vectors: Tensor
+    ) -> Tensor:
+        """`forward_mode` on each row of `vectors` in one vmap; where forward mode fails on an op, this model
+        switches to `reverse_mode` (the same product by reverse passes only) for good."""
         if not self._reverse_over_reverse:
             try:
-                return vmap(forward_over_reverse, chunk_size=self.chunk_size)(vectors)
+                return vmap(forward_mode, chunk_size=self.chunk_size)(vectors)
             except RuntimeError:
                 self._reverse_over_reverse = True
-        return vmap(reverse_over_reverse, chunk_size=self.chunk_size)(vectors)
+        return vmap(reverse_mode, chunk_size=self.chunk_size)(vectors)
 
     def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
         """The explicit Hessian of the batch's mean loss, [p, p]; for small p only."""
@@ -228,12 +235,7 @@ class TwiceDifferentiable:
             tangent = vjp(lambda u: pullback(u)[0], torch.zeros_like(outputs))[1](vector)[0]
             return pullback(vjp(output_gradient, outputs)[1](tangent)[0])[0]
 
-        if not self._reverse_over_reverse:
-            try:
-                return vmap(forward_mode, chunk_size=self.chunk_size)(vectors)
-            except RuntimeError:
-                self._reverse_over_reverse = True
-        return vmap(reverse_mode, chunk_size=self.chunk_size)(vectors)
+        return self._map_vectors(forward_mode, reverse_mode, vectors)
 
     def batch_ggn(self, inputs: Any, targets: Tensor) -> Tensor:
         """The explicit Gauss–Newton matrix of the batch's mean loss, [p, p]; for small p only."""

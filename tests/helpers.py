@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import functional_call, grad, hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import TwiceDifferentiable
@@ -79,3 +79,29 @@ class ExactReference:
 
     def up(self, x_test: Tensor, y_test: Tensor, x_train: Tensor, y_train: Tensor) -> Tensor:
         return self.factors(x_test, y_test) @ self.grads(x_train, y_train).T
+
+
+def reference_ggn(module: nn.Module, x: Tensor, y: Tensor, loss: str = "cross_entropy") -> Tensor:
+    """The Gauss–Newton matrix (1/N) Σᵢ Jᵢᵀ Hᵢ Jᵢ by definition, in the flat parameter order: Jᵢ the Jacobian of
+    example i's (flattened) outputs by `jacrev`, Hᵢ the loss's Hessian in them written out (softmax diagonal minus
+    its outer product for cross-entropy, 2/K · I for the mean squared error over K outputs)."""
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [p.shape for _, p in module.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+    def outputs(t: Tensor, xi: Tensor) -> Tensor:
+        state, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            state[name] = t[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return functional_call(module, state, (xi[None],))[0].reshape(-1)
+
+    jacobians = vmap(jacrev(outputs), in_dims=(None, 0))(theta, x)  # [N, K, p]
+    logits = vmap(outputs, in_dims=(None, 0))(theta, x).detach()
+    if loss == "cross_entropy":
+        probabilities = logits.softmax(-1)
+        curvature = torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[:, None, :]
+    else:
+        k = logits.shape[1]
+        curvature = 2.0 / k * torch.eye(k, dtype=x.dtype).expand(len(x), k, k)
+    return torch.einsum("nkp,nkl,nlq->pq", jacobians, curvature, jacobians) / len(x)

@@ -5,9 +5,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jacrev, vmap
 
-from helpers import ExactReference, classification_data, fitted, linear_model, loader, mlp_model
+from helpers import ExactReference, classification_data, fitted, linear_model, loader, mlp_model, reference_ggn
 from lightning_influence import (
     CurvatureOperator,
     InfluenceCallback,
@@ -20,32 +19,6 @@ from lightning_influence.curvature import layer_blocks
 from lightning_influence.pipeline import IndexedData, ResultMismatchError, compute_influence
 
 REGULARIZATION = 0.05
-
-
-def reference_ggn(module, x, y, loss="cross_entropy"):
-    """(1/N) Σᵢ Jᵢᵀ Hᵢ Jᵢ with Jᵢ the Jacobian of example i's outputs (jacrev) and Hᵢ the loss's Hessian in
-    them, written out: softmax(o) diagonal minus its outer product for cross-entropy, 2/K · I for the mean
-    squared error over K outputs."""
-    names = [n for n, _ in module.named_parameters()]
-    shapes = [p.shape for _, p in module.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-    def outputs(t, xi):
-        state, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            state[name] = t[offset : offset + shape.numel()].view(shape)
-            offset += shape.numel()
-        return functional_call(module, state, (xi[None],))[0]
-
-    jacobians = vmap(jacrev(outputs), in_dims=(None, 0))(theta, x)  # [N, K, p]
-    logits = vmap(outputs, in_dims=(None, 0))(theta, x)
-    if loss == "cross_entropy":
-        probabilities = logits.softmax(-1)
-        curvature = torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[:, None, :]
-    else:
-        k = logits.shape[1]
-        curvature = 2.0 / k * torch.eye(k, dtype=x.dtype).expand(len(x), k, k)
-    return torch.einsum("nkp,nkl,nlq->pq", jacobians, curvature, jacobians) / len(x)
 
 
 @pytest.fixture(scope="module")

@@ -4,32 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
-from helpers import ExactReference, classification_data, fitted, linear_model, loader, mlp_model
+from helpers import ExactReference, classification_data, fitted, linear_model, loader, mlp_model, reference_ggn
 from lightning_influence import CurvatureOperator, TwiceDifferentiable, compute_influence_factors, fit_solver
 from lightning_influence.layers import LayerStructure
 
 LAMBDA = 0.05
-
-
-def dense_ggn(module, x, y):
-    """GGN = (1/N) Σᵢ Jᵢᵀ ∇²ₒℓ Jᵢ from torch.func Jacobians, in the flat parameter order."""
-    names = [n for n, _ in module.named_parameters()]
-    shapes = [p.shape for _, p in module.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-    def outputs(t, xi):
-        state, offset = {}, 0
-        for name, shape in zip(names, shapes):
-            state[name] = t[offset : offset + shape.numel()].view(shape)
-            offset += shape.numel()
-        return functional_call(module, state, (xi[None],))[0].reshape(-1)
-
-    jac = vmap(jacrev(outputs), in_dims=(None, 0))(theta, x)  # [N, K, p]
-    probs = F.softmax(module(x).detach().reshape(len(x), -1), -1)
-    out_hessian = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-    return torch.einsum("nkp,nkl,nlq->pq", jac, out_hessian, jac) / len(x)
 
 
 def kfe_basis(solver):
@@ -63,7 +43,7 @@ def test_ekfac_is_its_kronecker_eigenbasis_diagonal_of_the_ggn_and_inverts_it_ex
         module = SmallConv().double()
     model = TwiceDifferentiable(module, F.cross_entropy)
     solver = fit_solver(model, loader(x, y, batch_size=16), "ekfac", hessian_regularization=LAMBDA)
-    ggn = dense_ggn(module, x, y)
+    ggn = reference_ggn(module, x, y)
     basis = kfe_basis(solver)
     p = model.num_params
     assert torch.allclose(basis.T @ basis, torch.eye(p, dtype=torch.float64), atol=1e-10)

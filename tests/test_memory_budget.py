@@ -89,6 +89,14 @@ def test_the_pipeline_sizes_score_chunks_to_the_budget(problem, tmp_path):
                               save_dir=tmp_path / "tight", **run)
     assert tight.metadata["chunk_size"] == 75 and tight.metadata["max_memory"] == 2400
     torch.testing.assert_close(tight.scores, free.scores, rtol=1e-12, atol=1e-14)
+    # Perturbation adds [M, x_numel] values per example: 4 × (1 + 5) × 8 bytes = 192, so 12 examples per chunk.
+    run["influence_type"] = "perturbation"
+    free = compute_influence(TwiceDifferentiable(module, F.cross_entropy), data, data, save_dir=tmp_path / "pfree",
+                             **run)
+    tight = compute_influence(TwiceDifferentiable(module, F.cross_entropy, max_memory=2400), data, data,
+                              save_dir=tmp_path / "ptight", **run)
+    assert tight.metadata["chunk_size"] == 12
+    torch.testing.assert_close(tight.perturbation, free.perturbation, rtol=1e-12, atol=1e-14)
 
 
 def test_the_callback_refuses_a_malformed_budget_before_training():

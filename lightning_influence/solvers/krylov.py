@@ -44,15 +44,15 @@ def conjugate_gradient(
         d = direction[rows]
         product = apply(d)
         curvature = (d * product).sum(1)
-        if bool((curvature <= 0).any()):
+        # A zero direction (the preconditioner maps the residual to 0) cannot make progress: stop that row.
+        stalled = ~d.any(dim=1)
+        if bool(((curvature <= 0) & ~stalled).any()):
             warnings.warn(
                 "cg met a direction of non-positive curvature: H + λI is not positive definite, so cg may "
                 "not converge. Increase hessian_regularization.",
                 RuntimeWarning,
                 stacklevel=5,
             )
-        # A zero direction (the preconditioner maps the residual to 0) cannot make progress: stop that row.
-        stalled = curvature == 0
         step = residual_dot[rows] / torch.where(stalled, torch.ones_like(curvature), curvature)
         step = torch.where(stalled, torch.zeros_like(step), step)
         solution[rows] += step.unsqueeze(1) * d
@@ -72,3 +72,73 @@ def conjugate_gradient(
         "max_relative_residual": float(relative.max()),
         "mean_relative_residual": float(relative.mean()),
     }
+
+
+def block_conjugate_gradient(
+    apply: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    precondition: Callable[[Tensor], Tensor],
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    maxiter: int,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Breakdown-free block CG (Ji & Li, 2017) for A X = B with all rows of `rhs` [M, p] sharing one Krylov space.
+
+    Each step multiplies A with a block P of orthonormal search directions, and every right-hand side takes its
+    best update from the whole block:
+        α = (PᵀAP)⁻¹ Pᵀ R,  X ← X + P α,  R ← R − AP α,  Z = P⁻¹R,  P ← orth(Z − P (PᵀAP)⁻¹ (AP)ᵀ Z),
+    (column notation). After k steps a row has searched a space of up to k·M directions instead of k, so far
+    fewer passes are needed when many right-hand sides share the curvature. orth() keeps the row space of the
+    new directions by an SVD and drops directions that have become dependent (the "breakdown" of plain block CG).
+    Rows stop once ‖b − A x‖ ≤ max(rtol · ‖b‖, atol); later steps carry only the rows still running.
+    """
+    small = torch.float32 if rhs.device.type == "mps" else torch.float64  # for the r × r systems
+    rhs_norm = rhs.norm(dim=1)
+    threshold = torch.clamp(rtol * rhs_norm, min=atol)
+    residual_norm = rhs_norm.clone()  # per row, from the recurrence; frozen when the row stops
+    solution = torch.zeros_like(rhs)
+    active = (rhs_norm > threshold).nonzero().squeeze(1)
+    residual = rhs[active].clone()
+    directions = _orthonormal_rows(precondition(residual))
+    iterations = 0
+    while active.numel() and iterations < maxiter and directions.shape[0]:
+        iterations += 1
+        product = apply(directions)
+        gram = (directions.to(small) @ product.to(small).T + product.to(small) @ directions.to(small).T) / 2
+        if bool((torch.linalg.eigvalsh(gram) <= 0).any()):
+            warnings.warn(
+                "block cg met a direction of non-positive curvature: H + λI is not positive definite, so cg may "
+                "not converge. Increase hessian_regularization.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        steps = torch.linalg.solve(gram, directions.to(small) @ residual.to(small).T).to(rhs.dtype)  # [r, s]
+        solution[active] += steps.T @ directions
+        residual -= steps.T @ product
+        residual_norm[active] = residual.norm(dim=1)
+        running = residual_norm[active] > threshold[active]
+        active, residual = active[running], residual[running]
+        if not active.numel():
+            break
+        preconditioned = precondition(residual)
+        conjugation = torch.linalg.solve(gram, product.to(small) @ preconditioned.to(small).T).to(rhs.dtype)
+        directions = _orthonormal_rows(preconditioned - conjugation.T @ directions)
+    relative = residual_norm / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
+    unconverged = int((residual_norm > threshold).sum())
+    return solution, {
+        "iterations": iterations,
+        "converged": unconverged == 0,
+        "unconverged": unconverged,
+        "max_relative_residual": float(relative.max()),
+        "mean_relative_residual": float(relative.mean()),
+    }
+
+
+def _orthonormal_rows(vectors: Tensor) -> Tensor:
+    """An orthonormal basis (as rows) of the row space of `vectors` [s, p], dependent directions dropped."""
+    _, singular, basis = torch.linalg.svd(vectors, full_matrices=False)
+    if not singular.numel():
+        return basis
+    keep = singular > singular[0] * torch.finfo(vectors.dtype).eps
+    return basis[keep]

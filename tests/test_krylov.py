@@ -1,0 +1,82 @@
+"""The conjugate-gradient loops behind `cg` and `refine`: one recurrence per row, and block CG."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import ExactReference, classification_data, fitted, loader, mlp_model
+from lightning_influence import TwiceDifferentiable, fit_solver, make_solver
+from lightning_influence.solvers.krylov import block_conjugate_gradient, conjugate_gradient
+
+
+def spd_system(size=30, rows=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    matrix = basis @ basis.T / size + 0.1 * torch.eye(size, dtype=torch.float64)
+    return matrix, torch.randn(rows, size, generator=generator, dtype=torch.float64)
+
+
+def test_preconditioned_cg_from_a_start_matches_a_solve():
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.randn(30, 30, generator=generator, dtype=torch.float64)
+    matrix = basis @ basis.T / 30 + 0.1 * torch.eye(30, dtype=torch.float64)
+    rhs = torch.randn(4, 30, generator=generator, dtype=torch.float64)
+    inverse_diagonal = 1 / torch.diagonal(matrix)
+    solution, info = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r * inverse_diagonal,
+                                        initial=rhs * inverse_diagonal, rtol=1e-12, maxiter=200)
+    torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.T).T, rtol=1e-9, atol=1e-10)
+    assert info["converged"] and info["unconverged"] == 0 and info["iterations"] <= 30 + 5
+    # With no tolerance every row runs exactly the steps asked for.
+    _, fixed = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, maxiter=4)
+    assert fixed["iterations"] == 4
+
+
+def test_a_preconditioner_that_maps_a_residual_to_zero_stops_that_row_without_nan():
+    matrix = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    rhs = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    keep_first_two = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    solution, info = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r * keep_first_two, maxiter=5)
+    assert bool(torch.isfinite(solution).all())
+    torch.testing.assert_close(solution[0], torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64))
+    assert info["unconverged"] == 1 and not info["converged"]
+
+
+def test_block_cg_solves_in_about_p_over_m_steps():
+    matrix, rhs = spd_system(size=60, rows=6)
+    solution, info = block_conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, rtol=1e-10, maxiter=200)
+    torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.T).T, rtol=1e-8, atol=1e-9)
+    assert info["converged"] and info["max_relative_residual"] <= 1e-10
+    # Six right-hand sides share one Krylov space: in exact arithmetic 60 / 6 = 10 steps span all of R^60.
+    assert info["iterations"] <= 14
+    _, single = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, rtol=1e-10, maxiter=200)
+    assert single["iterations"] > 2 * info["iterations"]
+
+
+def test_block_cg_with_dependent_right_hand_sides_and_a_preconditioner():
+    matrix, rhs = spd_system(size=30, rows=3, seed=1)
+    rhs = torch.cat([rhs, rhs[:1], 2 * rhs[1:2], torch.zeros(1, 30, dtype=torch.float64)])  # rank 3 of 6 rows
+    inverse_diagonal = 1 / torch.diagonal(matrix)
+    solution, info = block_conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r * inverse_diagonal,
+                                              rtol=1e-10, maxiter=100)
+    assert bool(torch.isfinite(solution).all()) and info["converged"]
+    torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.T).T, rtol=1e-8, atol=1e-9)
+
+
+def test_cg_solver_uses_block_cg_by_default_and_both_agree():
+    x, y = classification_data(64)
+    module = fitted(mlp_model(), x, y)
+    reference = ExactReference(module, x, y, 0.01)
+    x_test, y_test = classification_data(8, seed=1)
+    rhs = reference.grads(x_test, y_test)
+    exact = torch.linalg.solve(reference.matrix, rhs.T).T
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    results = {}
+    for block in (True, False):
+        solver = fit_solver(model, loader(x, y), "cg", hessian_regularization=0.01, rtol=1e-10, block=block)
+        with model.evaluating():
+            results[block] = solver.solve(rhs)
+        assert float((results[block].x - exact).norm() / exact.norm()) < 1e-8
+    assert results[True].info["iterations"] < results[False].info["iterations"]
+    assert make_solver("cg").block is True
+    with pytest.raises(TypeError, match="block must be True or False"):
+        make_solver("cg", block="yes")
