@@ -16,16 +16,20 @@ def spd_system(size=30, rows=4, seed=0):
     return matrix, torch.randn(rows, size, generator=generator, dtype=torch.float64)
 
 
-def test_preconditioned_cg_from_a_start_matches_a_solve():
+def test_both_cg_loops_match_a_solve():
     generator = torch.Generator().manual_seed(0)
     basis = torch.randn(30, 30, generator=generator, dtype=torch.float64)
     matrix = basis @ basis.T / 30 + 0.1 * torch.eye(30, dtype=torch.float64)
     rhs = torch.randn(4, 30, generator=generator, dtype=torch.float64)
     inverse_diagonal = 1 / torch.diagonal(matrix)
-    solution, info = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r * inverse_diagonal,
-                                        initial=rhs * inverse_diagonal, rtol=1e-12, maxiter=200)
-    torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.T).T, rtol=1e-9, atol=1e-10)
-    assert info["converged"] and info["unconverged"] == 0 and info["iterations"] <= 30 + 5
+    for variant in (conjugate_gradient, block_conjugate_gradient):
+        solution, info = variant(lambda v: v @ matrix, rhs, lambda r: r * inverse_diagonal, rtol=1e-12, maxiter=200)
+        torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.T).T, rtol=1e-9, atol=1e-10)
+        assert info["converged"] and info["unconverged"] == 0 and info["iterations"] <= 30 + 5
+    # Started within tolerance of the answer, block CG takes no step and measures the residual against b.
+    near = torch.linalg.solve(matrix, rhs.T).T + 1e-7 * torch.randn(4, 30, dtype=torch.float64)
+    _, started = block_conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, initial=near, rtol=1e-4, maxiter=200)
+    assert started["converged"] and started["iterations"] == 0 and 0 < started["max_relative_residual"] < 1e-4
     # With no tolerance every row runs exactly the steps asked for.
     _, fixed = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, maxiter=4)
     assert fixed["iterations"] == 4

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..curvature import CurvatureOperator
 from ..enums import InversionMethod
 from ..twice_differentiable import check_finite
-from .krylov import conjugate_gradient
+from .krylov import block_conjugate_gradient
 
 
 class InverseHvpResult(NamedTuple):
@@ -128,11 +128,11 @@ class Solver(ABC):
 class ApproximateSolver(Solver):
     """A method that stores an approximate inverse M⁻¹ ≈ (H + λI)⁻¹ at fit time (arnoldi, ekfac, nystroem).
 
-    `refine=k` then runs k steps of conjugate gradient on the exact system (H + λI) x = b, started at M⁻¹b and
-    preconditioned by M⁻¹. The approximation handles the directions it models; each step, one pass over the
-    training data for all right-hand sides together, recovers part of what it misses (for a low-rank inverse,
-    the many low-curvature directions that dominate influence). `refine=0` (default) returns M⁻¹b and solves
-    without touching the data.
+    `refine=k` then runs k steps of block conjugate gradient on the exact system (H + λI) x = b, started at
+    x₀ = M⁻¹b and preconditioned by M⁻¹. The approximation handles the directions it models; each step, one
+    pass over the training data for all right-hand sides together, recovers part of what it misses (for a
+    low-rank inverse, the many low-curvature directions that dominate influence), and every right-hand side
+    searches the directions of all of them. The residual of x₀ costs one more pass. `refine=0` (default) returns M⁻¹b and solves without touching the data.
     """
 
     def __init__(self, refine: int = 0) -> None:
@@ -149,8 +149,8 @@ class ApproximateSolver(Solver):
         initial = self._approximate(rhs)
         if not self.refine:
             return initial, {}
-        solution, info = conjugate_gradient(self.apply_damped, rhs, self._approximate, initial=initial,
-                                            maxiter=self.refine)
+        solution, info = block_conjugate_gradient(self.apply_damped, rhs, self._approximate, initial=initial,
+                                                  maxiter=self.refine)
         return solution, {
             "refine_iterations": info["iterations"],
             "max_relative_residual": info["max_relative_residual"],

@@ -15,7 +15,6 @@ def conjugate_gradient(
     rhs: Tensor,
     precondition: Callable[[Tensor], Tensor],
     *,
-    initial: Tensor | None = None,
     rtol: float = 0.0,
     atol: float = 0.0,
     maxiter: int,
@@ -28,11 +27,7 @@ def conjugate_gradient(
     """
     rhs_norm = rhs.norm(dim=1)
     threshold = torch.clamp(rtol * rhs_norm, min=atol)
-    if initial is None:
-        solution, residual = torch.zeros_like(rhs), rhs.clone()
-    else:
-        solution = initial.clone()
-        residual = rhs - apply(solution)
+    solution, residual = torch.zeros_like(rhs), rhs.clone()
     preconditioned = precondition(residual)
     direction = preconditioned.clone()
     residual_dot = (residual * preconditioned).sum(1)
@@ -79,6 +74,7 @@ def block_conjugate_gradient(
     rhs: Tensor,
     precondition: Callable[[Tensor], Tensor],
     *,
+    initial: Tensor | None = None,
     rtol: float = 0.0,
     atol: float = 0.0,
     maxiter: int,
@@ -91,15 +87,20 @@ def block_conjugate_gradient(
     (column notation). After k steps a row has searched a space of up to k·M directions instead of k, so far
     fewer passes are needed when many right-hand sides share the curvature. orth() keeps the row space of the
     new directions by an SVD and drops directions that have become dependent (the "breakdown" of plain block CG).
-    Rows stop once ‖b − A x‖ ≤ max(rtol · ‖b‖, atol); later steps carry only the rows still running.
+    Rows stop once ‖b − A x‖ ≤ max(rtol · ‖b‖, atol); later steps carry only the rows still running. A start
+    `initial` costs one product with A for its residual.
     """
     small = torch.float32 if rhs.device.type == "mps" else torch.float64  # for the r × r systems
     rhs_norm = rhs.norm(dim=1)
     threshold = torch.clamp(rtol * rhs_norm, min=atol)
-    residual_norm = rhs_norm.clone()  # per row, from the recurrence; frozen when the row stops
-    solution = torch.zeros_like(rhs)
-    active = (rhs_norm > threshold).nonzero().squeeze(1)
-    residual = rhs[active].clone()
+    if initial is None:
+        solution, residual = torch.zeros_like(rhs), rhs.clone()
+    else:
+        solution = initial.clone()
+        residual = rhs - apply(solution)
+    residual_norm = residual.norm(dim=1)  # per row, from the recurrence; frozen when the row stops
+    active = (residual_norm > threshold).nonzero().squeeze(1)
+    residual = residual[active]
     directions = _orthonormal_rows(precondition(residual))
     iterations = 0
     while active.numel() and iterations < maxiter and directions.shape[0]:
