@@ -36,7 +36,7 @@ def check_curvature(curvature: Any, block_diagonal: Any) -> None:
         raise TypeError(f"block_diagonal must be True or False, got {block_diagonal!r}.")
 
 
-def layer_blocks(model: TwiceDifferentiable) -> list[tuple[str, slice]]:
+def parameter_blocks(model: TwiceDifferentiable) -> list[tuple[str, slice]]:
     """The selected parameters grouped by the module that owns them, as (module name, slice of θ), in order."""
     blocks: list[tuple[str, slice]] = []
     offset = 0
@@ -79,7 +79,7 @@ class CurvatureOperator:
         self.progress = progress
         self.curvature = curvature
         self.block_diagonal = block_diagonal
-        self.blocks = layer_blocks(model) if block_diagonal else [("", slice(0, model.num_params))]
+        self.blocks = parameter_blocks(model) if block_diagonal else [("", slice(0, model.num_params))]
         self.num_examples: int | None = None
         self.passes = 0
 

@@ -15,7 +15,7 @@ from lightning_influence import (
     compute_influences,
     fit_solver,
 )
-from lightning_influence.curvature import layer_blocks
+from lightning_influence.curvature import parameter_blocks
 from lightning_influence.pipeline import IndexedData, ResultMismatchError, compute_influence
 
 REGULARIZATION = 0.05
@@ -31,17 +31,17 @@ def trained():
 def block_mask(model):
     p = model.num_params
     mask = torch.zeros(p, p, dtype=torch.bool)
-    for _, block in layer_blocks(model):
+    for _, block in parameter_blocks(model):
         mask[block, block] = True
     return mask
 
 
-def test_layer_blocks_group_each_modules_weight_and_bias(trained):
+def test_parameter_blocks_group_each_modules_weight_and_bias(trained):
     module, _, _ = trained
     model = TwiceDifferentiable(module, F.cross_entropy)
-    assert layer_blocks(model) == [("0", slice(0, 48)), ("2", slice(48, 75))]
+    assert parameter_blocks(model) == [("0", slice(0, 48)), ("2", slice(48, 75))]
     only_weights = TwiceDifferentiable(module, F.cross_entropy, params="*.weight")
-    assert [name for name, _ in layer_blocks(only_weights)] == ["0", "2"]
+    assert [name for name, _ in parameter_blocks(only_weights)] == ["0", "2"]
 
 
 def test_ggn_products_and_matrix_match_the_definition(trained):
