@@ -372,22 +372,18 @@ def compute_influence(
             clock = time.perf_counter()
             todo = [c for c in range(len(chunks)) if not run.done(stage, c)]
             resumed = resumed or len(todo) < len(chunks)
+            collective = lockstep and stage == "self_influence"
+            pending = set(todo)
             with distribution.stage(stage.replace("_", "-")):
-                if lockstep and stage == "self_influence":
-                    for chunk in progress_bar(range(num_positions), progress, "Influence: self-influence"):
-                        mine = chunk in todo
-                        wanted = distribution.reducer.sum(torch.tensor(float(mine), dtype=torch.float64,
-                                                                       device=model.device))
-                        if float(wanted) == 0:
-                            continue
-                        block = score(training_data.loader(chunks[chunk] if mine else [], batch_size))
-                        if mine:
-                            run.save_chunk(stage, chunk, block)
-                            if on_chunk is not None:
-                                on_chunk(stage, chunk, len(chunks))
-                else:
-                    for chunk in progress_bar(todo, progress, f"Influence: {stage.replace('_', '-')}"):
-                        run.save_chunk(stage, chunk, score(training_data.loader(chunks[chunk], batch_size)))
+                for chunk in progress_bar(range(num_positions) if collective else todo, progress,
+                                          f"Influence: {stage.replace('_', '-')}"):
+                    mine = chunk in pending
+                    if collective and float(distribution.reducer.sum(
+                            torch.tensor(float(mine), dtype=torch.float64, device=model.device))) == 0:
+                        continue  # no process has this chunk position left
+                    block = score(training_data.loader(chunks[chunk] if mine else [], batch_size))
+                    if mine:
+                        run.save_chunk(stage, chunk, block)
                         if on_chunk is not None:
                             on_chunk(stage, chunk, len(chunks))
                 if chunks:

@@ -42,12 +42,7 @@ def conjugate_gradient(
         # A zero direction (the preconditioner maps the residual to 0) cannot make progress: stop that row.
         stalled = ~d.any(dim=1)
         if bool(((curvature <= 0) & ~stalled).any()):
-            warnings.warn(
-                "cg met a direction of non-positive curvature: H + λI is not positive definite, so cg may "
-                "not converge. Increase hessian_regularization.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            _warn_non_positive_curvature("cg")
         step = residual_dot[rows] / torch.where(stalled, torch.ones_like(curvature), curvature)
         step = torch.where(stalled, torch.zeros_like(step), step)
         solution[rows] += step.unsqueeze(1) * d
@@ -58,15 +53,7 @@ def conjugate_gradient(
         direction[rows] = new_preconditioned + (new_dot / residual_dot[rows]).unsqueeze(1) * d
         residual_dot[rows] = new_dot
         active[rows] = still
-    relative = residual.norm(dim=1) / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
-    unconverged = int((residual.norm(dim=1) > threshold).sum())
-    return solution, {
-        "iterations": iterations,
-        "converged": unconverged == 0,
-        "unconverged": unconverged,
-        "max_relative_residual": float(relative.max()),
-        "mean_relative_residual": float(relative.mean()),
-    }
+    return solution, _report(iterations, residual.norm(dim=1), rhs_norm, threshold)
 
 
 def block_conjugate_gradient(
@@ -108,12 +95,7 @@ def block_conjugate_gradient(
         product = apply(directions)
         gram = (directions.to(small) @ product.to(small).T + product.to(small) @ directions.to(small).T) / 2
         if bool((torch.linalg.eigvalsh(gram) <= 0).any()):
-            warnings.warn(
-                "block cg met a direction of non-positive curvature: H + λI is not positive definite, so cg may "
-                "not converge. Increase hessian_regularization.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            _warn_non_positive_curvature("block cg")
         steps = torch.linalg.solve(gram, directions.to(small) @ residual.to(small).T).to(rhs.dtype)  # [r, s]
         solution[active] += steps.T @ directions
         residual -= steps.T @ product
@@ -125,15 +107,7 @@ def block_conjugate_gradient(
         preconditioned = precondition(residual)
         conjugation = torch.linalg.solve(gram, product.to(small) @ preconditioned.to(small).T).to(rhs.dtype)
         directions = _orthonormal_rows(preconditioned - conjugation.T @ directions)
-    relative = residual_norm / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
-    unconverged = int((residual_norm > threshold).sum())
-    return solution, {
-        "iterations": iterations,
-        "converged": unconverged == 0,
-        "unconverged": unconverged,
-        "max_relative_residual": float(relative.max()),
-        "mean_relative_residual": float(relative.mean()),
-    }
+    return solution, _report(iterations, residual_norm, rhs_norm, threshold)
 
 
 def _orthonormal_rows(vectors: Tensor) -> Tensor:
@@ -143,3 +117,25 @@ def _orthonormal_rows(vectors: Tensor) -> Tensor:
         return basis
     keep = singular > singular[0] * torch.finfo(vectors.dtype).eps
     return basis[keep]
+
+
+def _warn_non_positive_curvature(loop: str) -> None:
+    warnings.warn(
+        f"{loop} met a direction of non-positive curvature: H + λI is not positive definite, so cg may not "
+        "converge. Increase hessian_regularization.",
+        RuntimeWarning,
+        stacklevel=6,
+    )
+
+
+def _report(iterations: int, residual_norm: Tensor, rhs_norm: Tensor, threshold: Tensor) -> dict[str, Any]:
+    """Convergence facts from the final residual norms of every row."""
+    relative = residual_norm / rhs_norm.clamp_min(torch.finfo(rhs_norm.dtype).tiny)
+    unconverged = int((residual_norm > threshold).sum())
+    return {
+        "iterations": iterations,
+        "converged": unconverged == 0,
+        "unconverged": unconverged,
+        "max_relative_residual": float(relative.max()),
+        "mean_relative_residual": float(relative.mean()),
+    }
