@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_influence import TwiceDifferentiable
-from lightning_influence.distributed import Distribution
-from lightning_influence.pipeline import IndexedData, compute_influence
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.storage.runs import IndexedData, compute_influence
 
 
 def make_problem(n: int, queries: int, features: int, hidden: int, classes: int):

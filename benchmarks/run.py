@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from problems import Problem, digits_problem, synthetic_problem  # noqa: E402
 
 from lightning_influence import TwiceDifferentiable, compute_influence_factors, compute_influences_up  # noqa: E402
-from lightning_influence.scoring import gradients  # noqa: E402
+from lightning_influence.engine.scoring import gradients  # noqa: E402
 
 
 # -- measurement ---------------------------------------------------------------------------------------------

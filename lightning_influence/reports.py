@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .pipeline import IndexedData
-from .result import InfluenceResult
-from .storage import atomic_write_bytes, atomic_write_text
+from lightning_influence.storage.runs import IndexedData
+from lightning_influence.storage.result import InfluenceResult
+from lightning_influence.storage.files import atomic_write_bytes, atomic_write_text
 
 TAG = "influence"
 _TILE = 96  # pixels per image in a grid

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_influence import DistributedReducer, TwiceDifferentiable, compute_influence_factors, fit_solver
-from lightning_influence.distributed import Distribution, DistributedStageError
-from lightning_influence.scoring import stacked_gradients
+from lightning_influence.engine.distribution import Distribution, DistributedStageError
+from lightning_influence.engine.scoring import stacked_gradients
 
 #: (method, options) that every equality test runs; tolerances suit float64 on an 18-parameter model.
 METHODS: list[tuple[str, dict[str, Any]]] = [

@@ -15,8 +15,8 @@ from lightning_influence import (
     compute_influences,
     fit_solver,
 )
-from lightning_influence.curvature import parameter_blocks
-from lightning_influence.pipeline import IndexedData, ResultMismatchError, compute_influence
+from lightning_influence.curvature.operator import parameter_blocks
+from lightning_influence.storage.runs import IndexedData, ResultMismatchError, compute_influence
 
 REGULARIZATION = 0.05
 

@@ -9,8 +9,8 @@ from distributed_workers import BATCH, LISSA, METHODS, REGULARIZATION, functiona
 from helpers import classification_data, fitted, linear_model, loader
 
 from lightning_influence import compute_influence_factors, compute_influences_up, compute_self_influences, fit_solver
-from lightning_influence.distributed import Distribution
-from lightning_influence.scoring import stacked_gradients
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.engine.scoring import stacked_gradients
 
 N_TRAIN, N_QUERIES = 37, 5  # odd on purpose: two shards of 19 and 18; queries split 3 and 2
 

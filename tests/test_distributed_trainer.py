@@ -17,10 +17,10 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_influence import TwiceDifferentiable
-from lightning_influence.callback import InfluenceCallback
-from lightning_influence.distributed import Distribution
-from lightning_influence.pipeline import IndexedData, compute_influence
-from lightning_influence.result import InfluenceResult, parameter_digest
+from lightning_influence.lightning.callback import InfluenceCallback
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.storage.runs import IndexedData, compute_influence
+from lightning_influence.storage.result import InfluenceResult, parameter_digest
 
 N_TRAIN, N_VAL, N_QUERIES, BATCH = 45, 7, 5, 8  # 45 examples: shards of 23 and 22; 5 queries: 3 and 2
 METHODS = {"direct": {}, "cg": {"rtol": 1e-12}, "arnoldi": {"rank": 10}}

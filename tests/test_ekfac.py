@@ -7,7 +7,7 @@ from torch import nn
 
 from helpers import ExactReference, classification_data, fitted, linear_model, loader, mlp_model, reference_ggn
 from lightning_influence import CurvatureOperator, TwiceDifferentiable, compute_influence_factors, fit_solver
-from lightning_influence.layers import LayerStructure
+from lightning_influence.model.layers import LayerStructure
 
 LAMBDA = 0.05
 

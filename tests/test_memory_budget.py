@@ -15,9 +15,9 @@ from lightning_influence import (
     compute_self_influences,
     fit_solver,
 )
-from lightning_influence.data import parse_memory
-from lightning_influence.pipeline import IndexedData, compute_influence
-from lightning_influence.scoring import gradients
+from lightning_influence.model.data import parse_memory
+from lightning_influence.storage.runs import IndexedData, compute_influence
+from lightning_influence.engine.scoring import gradients
 
 REGULARIZATION = 0.05
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from helpers import classification_data, fitted, linear_model, loader, mlp_model
 from torch.utils.data import TensorDataset
 
-import lightning_influence.result as result_module
+import lightning_influence.storage.result as result_module
 from lightning_influence import InfluenceResult, TwiceDifferentiable, compute_influence_factors, compute_influences_up
-from lightning_influence.pipeline import IndexedData, compute_influence
+from lightning_influence.storage.runs import IndexedData, compute_influence
 
 
 @pytest.fixture(scope="module")

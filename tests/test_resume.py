@@ -15,7 +15,7 @@ from helpers import classification_data, fitted, mlp_model
 from torch.utils.data import TensorDataset
 
 from lightning_influence import InfluenceResult, TwiceDifferentiable
-from lightning_influence.pipeline import IndexedData, ResultMismatchError, compute_influence
+from lightning_influence.storage.runs import IndexedData, ResultMismatchError, compute_influence
 
 N, QUERIES = 96, 5
 OPTIONS = dict(method="direct", hessian_regularization=0.05, batch_size=16, chunk_batches=1, self_influence=True)
@@ -93,7 +93,7 @@ def test_killed_process_resumes_bit_identical(trained, uninterrupted, tmp_path):
         from torch.utils.data import TensorDataset
         from helpers import classification_data, mlp_model
         from lightning_influence import TwiceDifferentiable
-        from lightning_influence.pipeline import IndexedData, compute_influence
+        from lightning_influence.storage.runs import IndexedData, compute_influence
         torch.set_num_threads({torch.get_num_threads()})
         module = mlp_model()
         module.load_state_dict(torch.load({str(tmp_path / "weights.pt")!r}))

@@ -7,8 +7,8 @@ from torch import nn
 
 from helpers import ExactReference, classification_data, fitted, loader, mlp_model
 from lightning_influence import TwiceDifferentiable, compute_influence_factors, compute_influences_up, fit_solver
-from lightning_influence.layers import LayerStructure
-from lightning_influence.scoring import layer_structure, stacked_gradients
+from lightning_influence.model.layers import LayerStructure
+from lightning_influence.engine.scoring import layer_structure, stacked_gradients
 
 LAMBDA = 0.05
 

@@ -149,7 +149,7 @@ def test_hessian_products_fall_back_to_reverse_mode_where_forward_mode_fails():
 
 def test_check_finite_tells_an_overflowing_sum_from_nan_and_inf():
     from lightning_influence.errors import NonFiniteError
-    from lightning_influence.twice_differentiable import check_finite
+    from lightning_influence.model.twice_differentiable import check_finite
 
     large = torch.full((4, 3), 3e38, dtype=torch.float32)  # finite values whose sum overflows
     assert check_finite(large, "stage") is large

@@ -11,9 +11,9 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..curvature import CurvatureOperator
-from ..enums import InversionMethod
-from ..twice_differentiable import check_finite
+from lightning_influence.curvature.operator import CurvatureOperator
+from lightning_influence.enums import InversionMethod
+from lightning_influence.model.twice_differentiable import check_finite
 from .krylov import block_conjugate_gradient
 
 

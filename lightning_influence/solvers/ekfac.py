@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import batch_size
-from ..layers import LayerStructure
-from ..twice_differentiable import check_finite
+from lightning_influence.model.data import batch_size
+from lightning_influence.model.layers import LayerStructure
+from lightning_influence.model.twice_differentiable import check_finite
 from .base import ApproximateSolver, positive_int, work_dtype
 
 FACTOR_DTYPES = {"float64": torch.float64, "float32": torch.float32}

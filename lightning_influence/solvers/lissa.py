@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import loader_length
+from lightning_influence.model.data import loader_length
 from .base import Solver, non_negative_float, positive_int
 
 ACCELERATIONS = (None, "auto", "chebyshev")

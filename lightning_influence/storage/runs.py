@@ -26,16 +26,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
-from .curvature import Curvature, check_curvature
-from .data import progress_bar, split_batch
-from .distributed import Distribution, local_distribution
-from .enums import InfluenceType, InversionMethod
-from .functional import fit_solver
-from .result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
-from .scoring import perturbation_score_blocks, stacked_gradients
-from .solvers import Solver, make_solver
-from .solvers.base import check_regularization, positive_int
-from .storage import (
+from lightning_influence.curvature.operator import Curvature, check_curvature
+from lightning_influence.model.data import progress_bar, split_batch
+from lightning_influence.engine.distribution import Distribution, local_distribution
+from lightning_influence.enums import InfluenceType, InversionMethod
+from lightning_influence.engine.functional import fit_solver
+from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
+from lightning_influence.engine.scoring import perturbation_score_blocks, stacked_gradients
+from lightning_influence.solvers import Solver, make_solver
+from lightning_influence.solvers.base import check_regularization, positive_int
+from lightning_influence.storage.files import (
     atomic_save_array,
     atomic_write_json,
     check_writable_folder,
@@ -44,7 +44,7 @@ from .storage import (
     tensor_digest,
     to_jsonable,
 )
-from .twice_differentiable import TwiceDifferentiable
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 BatchTransform = Callable[[Any], Any]
 #: Called after each stored chunk with (stage, chunk number, number of chunks); a hook for progress or tests.

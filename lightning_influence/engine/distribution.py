@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import loader_length
-from .reducer import DistributedReducer, LocalReducer, Reducer
-from .scoring import gradients, up_score_blocks
-from .solvers import InverseHvpResult, Solver
-from .twice_differentiable import TwiceDifferentiable
+from lightning_influence.model.data import loader_length
+from lightning_influence.curvature.reducer import DistributedReducer, LocalReducer, Reducer
+from lightning_influence.engine.scoring import gradients, up_score_blocks
+from lightning_influence.solvers import InverseHvpResult, Solver
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 #: What `from_trainer` accepts, for error messages.
 SUPPORTED = (

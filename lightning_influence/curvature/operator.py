@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .data import batch_size, iterate_batches
-from .reducer import LocalReducer, Reducer
-from .twice_differentiable import TwiceDifferentiable, check_finite
+from lightning_influence.model.data import batch_size, iterate_batches
+from lightning_influence.curvature.reducer import LocalReducer, Reducer
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
 Curvature = Literal["hessian", "ggn"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, hessian, vmap
 
-from .twice_differentiable import TwiceDifferentiable
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .storage import (
+from lightning_influence.storage.files import (
     atomic_save_array,
     atomic_write_json,
     load_array,
@@ -26,7 +26,7 @@ from .storage import (
     staging_folder,
     tensor_digest,
 )
-from .twice_differentiable import TwiceDifferentiable
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 #: Bumped whenever the folder layout changes; a folder with another version is refused on load.
 FORMAT_VERSION = 1
@@ -135,7 +135,7 @@ class InfluenceResult:
         `model` must be the model the result was computed with (same weights and parameter selection); this is
         checked against the saved parameter hash, since factors of other weights would give wrong numbers.
         """
-        from .functional import compute_influences_up
+        from lightning_influence.engine.functional import compute_influences_up
 
         if not isinstance(model, TwiceDifferentiable):
             raise TypeError(

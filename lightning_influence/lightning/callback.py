@@ -18,16 +18,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .curvature import Curvature, check_curvature
-from .data import parse_memory
-from .distributed import Distribution, refuse_unsupported_strategy
-from .enums import InfluenceType, InversionMethod
-from .pipeline import BatchTransform, IndexedData, compute_influence
-from .reports import write_reports
-from .result import InfluenceResult
-from .solvers import make_solver
-from .solvers.base import check_regularization, positive_int
-from .twice_differentiable import LossFn, TwiceDifferentiable
+from lightning_influence.curvature.operator import Curvature, check_curvature
+from lightning_influence.model.data import parse_memory
+from lightning_influence.engine.distribution import Distribution, refuse_unsupported_strategy
+from lightning_influence.enums import InfluenceType, InversionMethod
+from lightning_influence.storage.runs import BatchTransform, IndexedData, compute_influence
+from lightning_influence.reports import write_reports
+from lightning_influence.storage.result import InfluenceResult
+from lightning_influence.solvers import make_solver
+from lightning_influence.solvers.base import check_regularization, positive_int
+from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 
 OnError = Literal["raise", "warn"]
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import batch_size, iterate_batches, row_slices, slice_batch
-from .layers import LayerStructure
-from .solvers import Solver
-from .twice_differentiable import TwiceDifferentiable, check_finite
+from lightning_influence.model.data import batch_size, iterate_batches, row_slices, slice_batch
+from lightning_influence.model.layers import LayerStructure
+from lightning_influence.solvers import Solver
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
 def layer_structure(model: TwiceDifferentiable) -> LayerStructure | None:

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .curvature import Curvature, CurvatureOperator, check_curvature
-from .enums import InfluenceType, InversionMethod
-from .errors import InfluenceComputationError
-from .reducer import Reducer
-from .scoring import perturbation_score_blocks, self_influence_blocks, stacked_gradients, up_score_blocks
-from .solvers import InverseHvpResult, Solver, make_solver
-from .solvers.base import check_regularization
-from .twice_differentiable import TwiceDifferentiable
+from lightning_influence.curvature.operator import Curvature, CurvatureOperator, check_curvature
+from lightning_influence.enums import InfluenceType, InversionMethod
+from lightning_influence.errors import InfluenceComputationError
+from lightning_influence.curvature.reducer import Reducer
+from lightning_influence.engine.scoring import perturbation_score_blocks, self_influence_blocks, stacked_gradients, up_score_blocks
+from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
+from lightning_influence.solvers.base import check_regularization
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 __all__ = [
     "compute_influence_factors",
