@@ -1,6 +1,9 @@
-"""Exceptions raised by the engine, each one saying what went wrong and how to fix it."""
+"""Exceptions raised by the engine, each one saying what went wrong and how to fix it, and its warnings."""
 
 from __future__ import annotations
+
+import sys
+import warnings
 
 
 class NonFiniteError(FloatingPointError):
@@ -26,3 +29,32 @@ class InfluenceComputationError(RuntimeError):
     def __init__(self, message: str, partial: dict) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+class NotFittedError(RuntimeError):
+    """A fitted object (a solver) was used before `fit`; the message names the call to make first."""
+
+
+class ResultMismatchError(ValueError):
+    """A save dir holds results of another run (other weights, method, λ, data or queries)."""
+
+
+#: Packages whose frames a warning skips, so that it points at the user's own line.
+_INTERNAL_PACKAGES = ("lightning_influence", "pytorch_lightning", "lightning", "lightning_fabric", "torch", "contextlib",
+                      "functools")
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` of the first frame outside this library, Lightning and torch (the user's call)."""
+    frame, level = sys._getframe(2), 2  # 1 is warn_user itself, 2 its caller
+    while frame is not None:
+        package = (frame.f_globals.get("__name__") or "").partition(".")[0]
+        if package not in _INTERNAL_PACKAGES:
+            return level
+        frame, level = frame.f_back, level + 1
+    return level - 1
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn with the location of the user's call that led here, not of the library line that noticed."""
+    warnings.warn(message, category, stacklevel=_user_stacklevel())

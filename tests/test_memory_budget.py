@@ -15,7 +15,7 @@ from lightning_influence import (
     compute_self_influences,
     fit_solver,
 )
-from lightning_influence.model.data import parse_memory
+from lightning_influence.checks import parse_memory
 from lightning_influence.storage.runs import IndexedData, compute_influence
 from lightning_influence.engine.scoring import gradients
 

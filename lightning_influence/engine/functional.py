@@ -19,7 +19,7 @@ from lightning_influence.errors import InfluenceComputationError
 from lightning_influence.curvature.reducer import Reducer
 from lightning_influence.engine.scoring import perturbation_score_blocks, self_influence_blocks, stacked_gradients, up_score_blocks
 from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
-from lightning_influence.solvers.base import check_regularization
+from lightning_influence.checks import check_regularization
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 __all__ = [

@@ -19,14 +19,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.curvature.operator import Curvature, check_curvature
-from lightning_influence.model.data import parse_memory
+from lightning_influence.checks import parse_memory
 from lightning_influence.engine.distribution import Distribution, refuse_unsupported_strategy
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.storage.runs import BatchTransform, IndexedData, compute_influence
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
 from lightning_influence.solvers import make_solver
-from lightning_influence.solvers.base import check_regularization, positive_int
+from lightning_influence.checks import check_regularization, positive_int
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 
 OnError = Literal["raise", "warn"]

@@ -130,30 +130,3 @@ def row_slices(total: int, rows: int | None) -> Iterator[tuple[int, int]]:
     step = max(1, total if rows is None else rows)
     for start in range(0, total, step):
         yield start, min(start + step, total)
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_memory(value: int | str | None, name: str = "max_memory") -> int | None:
-    """A memory size in bytes from an integer or a string such as "512MB" or "2GiB" (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number, unit = value, ""
-    elif isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        digits = text.rstrip("KMGTIB")
-        number, unit = digits, text[len(digits):]
-    else:
-        raise TypeError(f"{name} must be a number of bytes or a string such as '2GB', got {value!r}.")
-    try:
-        size = int(float(number) * _UNITS[unit])
-    except (KeyError, ValueError):
-        raise ValueError(
-            f"{name}={value!r} is not a memory size; use bytes or a number with a unit such as '512MB' or '2GiB'."
-        ) from None
-    if size <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}.")
-    return size

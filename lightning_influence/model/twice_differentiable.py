@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.model.data import parse_memory
+from lightning_influence.checks import parse_memory
 from lightning_influence.errors import NonFiniteError
 
 LossFn = Callable[[Any, Tensor], Tensor]

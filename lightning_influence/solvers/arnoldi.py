@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ApproximateSolver, positive_int, spectrum_report, work_dtype
+from .base import ApproximateSolver, spectrum_report, work_dtype
+from lightning_influence.checks import positive_int
 from .nystroem import complement_curvature
 
 ARNOLDI_COMPLEMENTS = ("none", "damping", "trace")

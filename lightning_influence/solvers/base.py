@@ -63,7 +63,6 @@ class Solver(ABC):
         `regularization="auto"` takes λ = AUTO_DAMPING_FRACTION · trace(H)/p (a fraction of the mean
         eigenvalue; trace by Hutchinson's estimator for large p) and records the choice in the info.
         """
-        regularization = check_regularization(regularization)
         self.operator = operator
         start = time.perf_counter()
         damping_info: dict[str, Any] = {"regularization_source": "given"}
@@ -166,15 +165,6 @@ class ApproximateSolver(Solver):
 AUTO_DAMPING_FRACTION = 0.1
 
 
-def check_regularization(value: float | str) -> float | str:
-    """λ as a float ≥ 0, or the string "auto"; anything else is refused with what to pass instead."""
-    if value == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"hessian_regularization must be a number ≥ 0 or 'auto', got {value!r}.")
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"hessian_regularization must be finite and ≥ 0, got {value!r}.")
-    return float(value)
 
 
 def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dtype, *, complete: bool) -> dict:
@@ -222,20 +212,8 @@ def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dty
     return info
 
 
-def positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
-    """Validate an integer option that must be ≥ 1."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return value
 
 
-def non_negative_float(name: str, value: Any) -> float:
-    """Validate a float option that must be finite and ≥ 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}.")
-    return float(value)
 
 
 def make_solver(method: str | InversionMethod, **options: Any) -> Solver:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Solver, non_negative_float, positive_int
+from .base import Solver
+from lightning_influence.checks import non_negative_float, positive_int
 from .krylov import block_conjugate_gradient, conjugate_gradient
 
 PRECONDITIONERS = (None, "jacobi", "nystroem")

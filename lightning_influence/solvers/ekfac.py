@@ -26,7 +26,8 @@ from torch import Tensor
 from lightning_influence.model.data import batch_size
 from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.twice_differentiable import check_finite
-from .base import ApproximateSolver, positive_int, work_dtype
+from .base import ApproximateSolver, work_dtype
+from lightning_influence.checks import positive_int
 
 FACTOR_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from lightning_influence.model.data import loader_length
-from .base import Solver, non_negative_float, positive_int
+from .base import Solver
+from lightning_influence.checks import non_negative_float, positive_int
 
 ACCELERATIONS = (None, "auto", "chebyshev")
 

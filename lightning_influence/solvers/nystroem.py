@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ApproximateSolver, positive_int, work_dtype
+from .base import ApproximateSolver, work_dtype
+from lightning_influence.checks import positive_int
 
 COMPLEMENTS = ("trace", "damping")
 

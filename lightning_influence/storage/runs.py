@@ -34,7 +34,7 @@ from lightning_influence.engine.functional import fit_solver
 from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
 from lightning_influence.engine.scoring import perturbation_score_blocks, stacked_gradients
 from lightning_influence.solvers import Solver, make_solver
-from lightning_influence.solvers.base import check_regularization, positive_int
+from lightning_influence.checks import check_regularization, positive_int
 from lightning_influence.storage.files import (
     atomic_save_array,
     atomic_write_json,
