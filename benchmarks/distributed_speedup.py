@@ -1,6 +1,6 @@
 """Speed-up of the influence pipeline from two processes (gloo, CPU) over one, on the same problem in one run.
 
-Runs `lightning_influence.pipeline.compute_influence` (what the callback calls) for the same trained MLP and
+Runs `lightning_influence.compute_influence` (what the callback calls) for the same trained MLP and
 data with: one process and one thread, one process and two threads, and two processes of one thread each under
 a torch.distributed gloo group (as Lightning's ddp/ddp_spawn on CPU would give). Time is measured inside the
 processes from a common start (process start-up and imports are excluded) and the best of `--repeats` is kept.
@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_influence import TwiceDifferentiable
-from lightning_influence.engine.distribution import Distribution
-from lightning_influence.storage.runs import IndexedData, compute_influence
+from lightning_influence import Distribution, IndexedData, InfluenceArguments, TwiceDifferentiable, compute_influence
 
 
 def make_problem(n: int, queries: int, features: int, hidden: int, classes: int):
@@ -62,12 +60,10 @@ def body(rank: int, world_size: int, threads: int, workdir: str, args: argparse.
     for repeat in range(args.repeats):
         distribution.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = compute_influence(
-            model, IndexedData(train), IndexedData(queries), save_dir=folder / f"{label}-{repeat}",
-            method=args.method, method_kwargs={"rtol": 1e-6} if args.method == "cg" else {},
-            hessian_regularization=0.01, self_influence=False, batch_size=args.batch_size,
-            distribution=distribution,
-        )
+        arguments = InfluenceArguments(method=args.method, method_kwargs={"rtol": 1e-6} if args.method == "cg" else {},
+                                       hessian_regularization=0.01, batch_size=args.batch_size)
+        result = compute_influence(model, IndexedData(train), IndexedData(queries), arguments,
+                                   save_dir=folder / f"{label}-{repeat}", distribution=distribution)
         cpu = min(cpu, time.process_time() - cpu_start)
         distribution.barrier()
         best = min(best, time.perf_counter() - start)

@@ -1,10 +1,18 @@
-"""Influence functions (Koh & Liang, 2017) for PyTorch models, on torch.func, with a Lightning callback."""
+"""Influence functions (Koh & Liang, 2017) for PyTorch models, on torch.func, with a Lightning callback.
 
-from lightning_influence.lightning.callback import InfluenceCallback
+The engine runs without Lightning installed; `InfluenceCallback` (the only part that needs pytorch_lightning)
+is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
 from lightning_influence.curvature.operator import CurvatureOperator
+from lightning_influence.curvature.reducer import DistributedReducer, LocalReducer, Reducer
+from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import DistributedStageError, Distribution
-from lightning_influence.enums import InfluenceType, InversionMethod
-from lightning_influence.errors import InfluenceComputationError, NonFiniteError
+from lightning_influence.engine.engine import InfluenceEngine
 from lightning_influence.engine.functional import (
     compute_influence_factors,
     compute_influences,
@@ -13,10 +21,18 @@ from lightning_influence.engine.functional import (
     compute_self_influences,
     fit_solver,
 )
-from lightning_influence.storage.result import InfluenceResult
-from lightning_influence.curvature.reducer import DistributedReducer, LocalReducer, Reducer
-from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
+from lightning_influence.enums import InfluenceType, InversionMethod
+from lightning_influence.errors import (
+    InfluenceComputationError,
+    NonFiniteError,
+    NotFittedError,
+    ResultMismatchError,
+)
+from lightning_influence.model.data import IndexedData
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
+from lightning_influence.storage.result import InfluenceResult
+from lightning_influence.storage.runs import compute_influence
 
 __version__ = "0.1.0"
 
@@ -25,17 +41,23 @@ __all__ = [
     "DistributedReducer",
     "DistributedStageError",
     "Distribution",
+    "IndexedData",
+    "InfluenceArguments",
     "InfluenceCallback",
     "InfluenceComputationError",
+    "InfluenceEngine",
     "InfluenceResult",
     "InfluenceType",
     "InverseHvpResult",
     "InversionMethod",
     "LocalReducer",
     "NonFiniteError",
+    "NotFittedError",
     "Reducer",
+    "ResultMismatchError",
     "Solver",
     "TwiceDifferentiable",
+    "compute_influence",
     "compute_influence_factors",
     "compute_influences",
     "compute_influences_pert",
@@ -44,3 +66,12 @@ __all__ = [
     "fit_solver",
     "make_solver",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`InfluenceCallback` on first use, so that importing the engine does not import Lightning."""
+    if name == "InfluenceCallback":
+        from lightning_influence.lightning.callback import InfluenceCallback
+
+        return InfluenceCallback
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_influence.storage.runs import IndexedData
-from lightning_influence.storage.result import InfluenceResult
+from lightning_influence.errors import warn_user
+from lightning_influence.model.data import IndexedData
 from lightning_influence.storage.files import atomic_write_bytes, atomic_write_text
+from lightning_influence.storage.result import InfluenceResult
 
 TAG = "influence"
 _TILE = 96  # pixels per image in a grid
@@ -297,5 +297,4 @@ def _report_to_logger(
         if callable(getattr(logger, "save", None)):
             logger.save()
     except Exception as error:  # a report must never break the run
-        warnings.warn(f"Could not write the influence report to the {name}: {type(error).__name__}: {error}",
-                      RuntimeWarning, stacklevel=2)
+        warn_user(f"Could not write the influence report to the {name}: {type(error).__name__}: {error}")

@@ -15,7 +15,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_influence import DistributedReducer, TwiceDifferentiable, compute_influence_factors, fit_solver
+from lightning_influence import (
+    DistributedReducer,
+    IndexedData,
+    InfluenceArguments,
+    InfluenceEngine,
+    TwiceDifferentiable,
+    compute_influence_factors,
+    fit_solver,
+)
 from lightning_influence.engine.distribution import Distribution, DistributedStageError
 from lightning_influence.engine.scoring import stacked_gradients
 
@@ -96,27 +104,24 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
                     hessian_perturbation=REGULARIZATION, reducer=DistributedReducer(), **options,
                 )
                 results[f"{key}/plain_factors"] = plain.x
-                # The split path: each rank takes the gradients of its share of the queries.
-                solver = fit_solver(
-                    model, loader, method, hessian_regularization=REGULARIZATION,
-                    reducer=distribution.reducer, **options,
-                )
-                query_share = distribution.shard(range(m))
-                rhs = stacked_gradients(model, shard_loader(queries, query_share), name="queries")
-                factors, query_indices = distribution.influence_factors(solver, rhs, torch.tensor(query_share))
+                # The engine's path: each rank takes the gradients of its share of the queries.
+                arguments = InfluenceArguments(method=method, method_kwargs=options,
+                                               hessian_regularization=REGULARIZATION, batch_size=BATCH)
+                engine = InfluenceEngine(model, loader, arguments, distribution=distribution)
+                rhs = engine.query_gradients(IndexedData(queries), list(range(m)))
+                factors = engine.factors(rhs)
                 with distribution.stage("scoring"):
-                    local = distribution.scores(model, loader, factors.x)
-                    self_local = distribution.self_influences(model, loader, solver)
+                    local = engine.scores(loader, factors.x)
+                    self_local = engine.self_influences(loader)
                 shard = torch.tensor(indices, dtype=torch.int64)
                 scores, score_indices = distribution.gather_by_index(local, shard)
                 self_influence, self_indices = distribution.gather_by_index(self_local, shard)
                 results[f"{key}/factors"] = factors.x
-                results[f"{key}/query_indices"] = query_indices
                 results[f"{key}/scores"] = scores
                 results[f"{key}/indices"] = score_indices
                 results[f"{key}/self"] = self_influence
                 results[f"{key}/self_indices"] = self_indices
-                results[f"{key}/N"] = solver.operator.num_examples
+                results[f"{key}/N"] = engine.fit().operator.num_examples
                 results[f"{key}/seconds"] = time.monotonic() - case_started
         # LiSSA steps on the union of the ranks' batches: with strided shards of batch 8 that union is the
         # one-process batch of 16 (examples 0-15, 16-31, 32-36), so the iterates match one process's exactly.
@@ -165,6 +170,8 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
         except DistributedStageError as error:
             results["collective_failure"] = str(error)
         results["collective_failure_seconds"] = time.monotonic() - started
+        distribution.close()
+        short.close()
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())

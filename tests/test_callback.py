@@ -149,8 +149,8 @@ def test_without_logger_on_demand_and_rerun(tmp_path):
     assert callback.result is None
     result = callback.compute(trainer, module)
     assert result.scores.shape == (8, 48)
-    assert (tmp_path / "influence" / "result" / "metadata.json").is_file()
-    assert (tmp_path / "influence" / "report" / "top_influence.csv").is_file()
+    assert (tmp_path / "influence" / "version_0" / "result" / "metadata.json").is_file()
+    assert (tmp_path / "influence" / "version_0" / "report" / "top_influence.csv").is_file()
     again = callback.compute(trainer, module)  # same weights and arguments: the stored result is reused
     assert torch.equal(again.scores, result.scores) and again.metadata == result.metadata
 
@@ -244,8 +244,8 @@ def test_save_dir_that_is_a_file_fails_at_construction(tmp_path):
 def test_loss_fn_by_name_and_cli_friendly_arguments():
     callback = InfluenceCallback(loss_fn="cross_entropy", method="ARNOLDI", method_kwargs={"rank": 3},
                                  influence_type="perturbation", params=["net.*"])
-    assert callback.loss_fn is F.cross_entropy and callback.method.value == "arnoldi"
-    assert callback.influence_type.value == "perturbation"
+    assert callback.loss_fn is F.cross_entropy and callback.arguments.method.value == "arnoldi"
+    assert callback.arguments.influence_type.value == "perturbation"
     assert InfluenceCallback(loss_fn="torch.nn.functional.nll_loss").loss_fn is F.nll_loss
 
 
@@ -336,13 +336,16 @@ def test_configured_from_a_lightning_cli_yaml(tmp_path):
         warnings.simplefilter("ignore")
         cli = LightningCLI(Classifier, run=False, args=["--config", str(config)], save_config_callback=None)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCallback)]
-    assert callback.loss_fn is F.cross_entropy and callback.method.value == "arnoldi"
-    assert callback.method_kwargs == {"rank": 3, "refine": 2, "complement": "trace"} and callback.params == ["net.*"]
-    assert (callback.hessian_regularization, callback.num_queries, callback.self_influence) == (0.1, 2, True)
+    arguments = callback.arguments
+    assert callback.loss_fn is F.cross_entropy and arguments.method.value == "arnoldi"
+    assert {k: arguments.method_kwargs[k] for k in ("rank", "refine", "complement")} == {
+        "rank": 3, "refine": 2, "complement": "trace"}
+    assert callback.params == ["net.*"]
+    assert (arguments.hessian_regularization, callback.num_queries, arguments.self_influence) == (0.1, 2, True)
     x, y = blobs(32)
     cli.trainer.fit(cli.model, *loaders(x, y, *blobs(6, seed=1)))
     assert callback.result.scores.shape == (2, 32) and callback.result.self_influence.shape == (32,)
     metadata = callback.result.metadata
-    assert metadata["options"]["rank"] == 3 and metadata["options"]["refine"] == 2
+    assert metadata["method_kwargs"]["rank"] == 3 and metadata["method_kwargs"]["refine"] == 2
     assert metadata["convergence"]["refine_iterations"] == 2
     assert (metadata["curvature"], metadata["block_diagonal"], metadata["max_memory"]) == ("ggn", True, 10**6)

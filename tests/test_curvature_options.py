@@ -16,7 +16,7 @@ from lightning_influence import (
     fit_solver,
 )
 from lightning_influence.curvature.operator import parameter_blocks
-from lightning_influence.storage.runs import IndexedData, ResultMismatchError, compute_influence
+from lightning_influence import IndexedData, InfluenceArguments, ResultMismatchError, compute_influence
 
 REGULARIZATION = 0.05
 
@@ -165,9 +165,9 @@ def test_the_pipeline_records_the_curvature_and_refuses_to_resume_another(traine
     module, x, y = trained
     model = TwiceDifferentiable(module, F.cross_entropy)
     data = IndexedData(torch.utils.data.TensorDataset(x, y))
-    run = dict(save_dir=tmp_path, method="direct", hessian_regularization=REGULARIZATION, query_indices=[0, 1],
-               batch_size=16)
-    result = compute_influence(model, data, data, curvature="ggn", block_diagonal=True, **run)
+    options = dict(method="direct", hessian_regularization=REGULARIZATION, batch_size=16, block_diagonal=True)
+    run = dict(save_dir=tmp_path, query_indices=[0, 1])
+    result = compute_influence(model, data, data, InfluenceArguments(curvature="ggn", **options), **run)
     assert result.metadata["curvature"] == "ggn" and result.metadata["block_diagonal"] is True
     with pytest.raises(ResultMismatchError, match="curvature: stored 'ggn', now 'hessian'"):
-        compute_influence(model, data, data, curvature="hessian", block_diagonal=True, **run)
+        compute_influence(model, data, data, InfluenceArguments(curvature="hessian", **options), **run)

@@ -16,10 +16,8 @@ from lit_helpers import Classifier, blobs, make_trainer
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_influence import TwiceDifferentiable
-from lightning_influence.lightning.callback import InfluenceCallback
-from lightning_influence.engine.distribution import Distribution
-from lightning_influence.storage.runs import IndexedData, compute_influence
+from lightning_influence import IndexedData, InfluenceArguments, InfluenceCallback, TwiceDifferentiable, compute_influence
+from lightning_influence.lightning.strategy import distribution_for
 from lightning_influence.storage.result import InfluenceResult, parameter_digest
 
 N_TRAIN, N_VAL, N_QUERIES, BATCH = 45, 7, 5, 8  # 45 examples: shards of 23 and 22; 5 queries: 3 and 2
@@ -58,11 +56,10 @@ def assert_equals_one_process(module: pl.LightningModule, root: Path, train: Ten
         result = InfluenceResult.load(root / method / "result")
         assert result.metadata["world_size"] == world_size
         assert result.metadata["fingerprint"]["parameters"] == parameter_digest(model)  # the same weights
-        reference = compute_influence(
-            model, IndexedData(train), IndexedData(val), save_dir=root / f"one-process-{method}",
-            query_indices=list(range(N_QUERIES)), method=method, method_kwargs=options,
-            hessian_regularization=REGULARIZATION, self_influence=True, batch_size=N_TRAIN,  # one batch: fast
-        )
+        arguments = InfluenceArguments(method=method, method_kwargs=options, hessian_regularization=REGULARIZATION,
+                                       self_influence=True, batch_size=N_TRAIN)  # one batch: fast
+        reference = compute_influence(model, IndexedData(train), IndexedData(val), arguments,
+                                      save_dir=root / f"one-process-{method}", query_indices=list(range(N_QUERIES)))
         assert result.train_indices.tolist() == list(range(N_TRAIN))  # each example once, in dataset order
         assert result.query_indices.tolist() == list(range(N_QUERIES))
         torch.testing.assert_close(result.factors, reference.factors, rtol=1e-7, atol=1e-10)
@@ -72,11 +69,10 @@ def assert_equals_one_process(module: pl.LightningModule, root: Path, train: Ten
         assert (root / method / "report").is_dir()
     # Rank 1 had no training example and no query.
     single = InfluenceResult.load(root / "single-example" / "result")
-    reference = compute_influence(
-        model, IndexedData(Subset(train, [0])), IndexedData(val), save_dir=root / "one-process-single",
-        query_indices=[0], method="cg", method_kwargs=METHODS["cg"], hessian_regularization=SINGLE_REGULARIZATION,
-        self_influence=True, batch_size=BATCH,
-    )
+    arguments = InfluenceArguments(method="cg", method_kwargs=METHODS["cg"],
+                                   hessian_regularization=SINGLE_REGULARIZATION, self_influence=True, batch_size=BATCH)
+    reference = compute_influence(model, IndexedData(Subset(train, [0])), IndexedData(val), arguments,
+                                  save_dir=root / "one-process-single", query_indices=[0])
     assert single.scores.shape == (1, 1) and single.train_indices.tolist() == [0]
     torch.testing.assert_close(single.scores, reference.scores, rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(single.self_influence, reference.self_influence, rtol=1e-7, atol=1e-10)
@@ -112,7 +108,7 @@ def test_ddp_subprocess_launcher_callback_equals_one_process(tmp_path):
 
 def test_single_process_trainer_takes_the_plain_path():
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    distribution = Distribution.from_trainer(trainer)
+    distribution = distribution_for(trainer)
     assert distribution.world_size == 1 and distribution.group is None
     assert distribution.shard(range(5)) == [0, 1, 2, 3, 4]
 
@@ -125,6 +121,6 @@ def test_single_process_trainer_takes_the_plain_path():
 def test_parameter_sharding_strategies_are_refused_before_training(strategy):
     trainer = SimpleNamespace(strategy=strategy, world_size=2)
     with pytest.raises(NotImplementedError, match=r"shards the model's parameters.*Supported:.*'ddp_spawn'"):
-        Distribution.from_trainer(trainer)
+        distribution_for(trainer)
     with pytest.raises(NotImplementedError, match=type(strategy).__name__):
         InfluenceCallback(method="direct").setup(trainer, Classifier(), "fit")

@@ -16,7 +16,7 @@ from lightning_influence import (
     fit_solver,
 )
 from lightning_influence.checks import parse_memory
-from lightning_influence.storage.runs import IndexedData, compute_influence
+from lightning_influence import IndexedData, InfluenceArguments, compute_influence
 from lightning_influence.engine.scoring import gradients
 
 REGULARIZATION = 0.05
@@ -80,21 +80,22 @@ def test_gradients_come_in_pieces_that_fit_and_scores_are_unchanged(problem):
 def test_the_pipeline_sizes_score_chunks_to_the_budget(problem, tmp_path):
     module, x, y, _, _ = problem
     data = IndexedData(TensorDataset(x, y))
-    run = dict(method="direct", hessian_regularization=REGULARIZATION, query_indices=[0, 1, 2, 3], batch_size=16)
-    free = compute_influence(TwiceDifferentiable(module, F.cross_entropy), data, data, save_dir=tmp_path / "free",
-                             **run)
+    options = dict(method="direct", hessian_regularization=REGULARIZATION, batch_size=16)
+
+    def run(folder: str, budget: int | None, **extra):
+        model = TwiceDifferentiable(module, F.cross_entropy, max_memory=budget)
+        arguments = InfluenceArguments(max_memory=budget, **options, **extra)
+        return compute_influence(model, data, data, arguments, save_dir=tmp_path / folder, query_indices=[0, 1, 2, 3])
+
+    free = run("free", None)
     assert free.metadata["chunk_size"] == 16 * 8 and free.metadata["max_memory"] is None
     # 4 queries × 8 bytes = 32 bytes of scores per training example: 2,400 bytes hold chunks of 75 examples.
-    tight = compute_influence(TwiceDifferentiable(module, F.cross_entropy, max_memory=2400), data, data,
-                              save_dir=tmp_path / "tight", **run)
+    tight = run("tight", 2400)
     assert tight.metadata["chunk_size"] == 75 and tight.metadata["max_memory"] == 2400
     torch.testing.assert_close(tight.scores, free.scores, rtol=1e-12, atol=1e-14)
     # Perturbation adds [M, x_numel] values per example: 4 × (1 + 5) × 8 bytes = 192, so 12 examples per chunk.
-    run["influence_type"] = "perturbation"
-    free = compute_influence(TwiceDifferentiable(module, F.cross_entropy), data, data, save_dir=tmp_path / "pfree",
-                             **run)
-    tight = compute_influence(TwiceDifferentiable(module, F.cross_entropy, max_memory=2400), data, data,
-                              save_dir=tmp_path / "ptight", **run)
+    free = run("pfree", None, influence_type="perturbation")
+    tight = run("ptight", 2400, influence_type="perturbation")
     assert tight.metadata["chunk_size"] == 12
     torch.testing.assert_close(tight.perturbation, free.perturbation, rtol=1e-12, atol=1e-14)
 

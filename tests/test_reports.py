@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from lightning_influence import InfluenceResult
-from lightning_influence.storage.runs import IndexedData
+from lightning_influence.model.data import IndexedData
 from lightning_influence.reports import as_image, label_text, write_reports
 
 

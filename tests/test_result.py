@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 import lightning_influence.storage.result as result_module
 from lightning_influence import InfluenceResult, TwiceDifferentiable, compute_influence_factors, compute_influences_up
-from lightning_influence.storage.runs import IndexedData, compute_influence
+from lightning_influence import IndexedData, InfluenceArguments, compute_influence
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _result(problem, folder: Path, module=None, **kwargs) -> InfluenceResult:
     options = dict(method="direct", hessian_regularization=0.01, batch_size=16, self_influence=True)
     options.update(kwargs)
     return compute_influence(model, IndexedData(TensorDataset(x, y)), IndexedData(TensorDataset(x[:6], y[:6])),
-                             save_dir=folder, **options)
+                             InfluenceArguments(**options), save_dir=folder)
 
 
 def _assert_same(a: InfluenceResult, b: InfluenceResult) -> None:
@@ -62,7 +62,7 @@ def test_metadata_records_the_run(problem, tmp_path):
     result = _result(problem, tmp_path / "run", module=linear, method="cg", method_kwargs={"rtol": 1e-8},
                      self_influence=False)
     meta = result.metadata
-    assert meta["method"] == "cg" and meta["options"]["rtol"] == 1e-8
+    assert meta["method"] == "cg" and meta["method_kwargs"]["rtol"] == 1e-8
     assert meta["hessian_regularization"] == 0.01
     assert (meta["num_train"], meta["num_queries"], meta["num_params"]) == (60, 6, 18)
     assert meta["parameter_names"] == ["weight", "bias"]

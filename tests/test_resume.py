@@ -15,7 +15,7 @@ from helpers import classification_data, fitted, mlp_model
 from torch.utils.data import TensorDataset
 
 from lightning_influence import InfluenceResult, TwiceDifferentiable
-from lightning_influence.storage.runs import IndexedData, ResultMismatchError, compute_influence
+from lightning_influence import IndexedData, InfluenceArguments, ResultMismatchError, compute_influence
 
 N, QUERIES = 96, 5
 OPTIONS = dict(method="direct", hessian_regularization=0.05, batch_size=16, chunk_batches=1, self_influence=True)
@@ -31,12 +31,13 @@ def trained():
     return fitted(mlp_model(), x, y, steps=50), x, y
 
 
-def _run(trained, folder: Path, on_chunk=None, module=None, **overrides) -> InfluenceResult:
+def _run(trained, folder: Path, on_chunk=None, module=None, train_indices=None, **overrides) -> InfluenceResult:
     base, x, y = trained
     model = TwiceDifferentiable(module if module is not None else base, F.cross_entropy)
     options = {**OPTIONS, **overrides}
     return compute_influence(model, IndexedData(TensorDataset(x, y)), IndexedData(TensorDataset(x[:QUERIES], y[:QUERIES])),
-                             save_dir=folder, on_chunk=on_chunk, **options)
+                             InfluenceArguments(**options), save_dir=folder, on_chunk=on_chunk,
+                             train_indices=train_indices)
 
 
 def _stop_at(stage: str, chunk: int):
@@ -93,7 +94,7 @@ def test_killed_process_resumes_bit_identical(trained, uninterrupted, tmp_path):
         from torch.utils.data import TensorDataset
         from helpers import classification_data, mlp_model
         from lightning_influence import TwiceDifferentiable
-        from lightning_influence.storage.runs import IndexedData, compute_influence
+        from lightning_influence import IndexedData, InfluenceArguments, compute_influence
         torch.set_num_threads({torch.get_num_threads()})
         module = mlp_model()
         module.load_state_dict(torch.load({str(tmp_path / "weights.pt")!r}))
@@ -104,8 +105,8 @@ def test_killed_process_resumes_bit_identical(trained, uninterrupted, tmp_path):
                 os._exit(3)  # no cleanup at all, as if the process were killed
 
         compute_influence(TwiceDifferentiable(module, F.cross_entropy), IndexedData(TensorDataset(x, y)),
-                          IndexedData(TensorDataset(x[:{QUERIES}], y[:{QUERIES}])), save_dir={str(tmp_path / "run")!r},
-                          on_chunk=die, **{OPTIONS!r})
+                          IndexedData(TensorDataset(x[:{QUERIES}], y[:{QUERIES}])), InfluenceArguments(**{OPTIONS!r}),
+                          save_dir={str(tmp_path / "run")!r}, on_chunk=die)
     """)
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert process.returncode == 3, process.stderr

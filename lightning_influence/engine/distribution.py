@@ -1,19 +1,18 @@
-"""Where this process stands among the processes that share an influence computation.
+"""How the processes that share an influence computation talk to each other: shard, gather, reduce, fail together.
 
-The engine sums over the training data through `Distribution.reducer`; each process scores its own shard of
-dataset indices; `gather_by_index` joins the shards. One process is the plain case: the reducer does nothing,
-the shard is everything, and gathering sorts its input.
-
-Several processes come from a Lightning DDP-style strategy (`Distribution.from_trainer`) or from a user's own
-`torch.distributed` process group (`Distribution.from_process_group`); there is no other launcher. Every
-collective here is called by every process in the same order, shards may be uneven or empty, and
-`Distribution.stage` turns a failure on one process into an error on all of them.
+This module only communicates; what to compute, and which stages run in lockstep, is decided by the engine.
+One process is the plain case: the reducer does nothing, the shard is everything, and gathering sorts its input.
+Several processes come from a `torch.distributed` process group (`Distribution.from_process_group`; a Lightning
+trainer's DDP processes go through `lightning_influence.lightning.strategy`). Every collective here is called
+by every process in the same order, shards may be uneven or empty, and `Distribution.stage` turns a failure on
+one process into an error on all of them. The groups a distribution creates are destroyed by `close()` (or at
+the end of a `with` block).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,19 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.model.data import loader_length
 from lightning_influence.curvature.reducer import DistributedReducer, LocalReducer, Reducer
-from lightning_influence.engine.scoring import gradients, up_score_blocks
-from lightning_influence.solvers import InverseHvpResult, Solver
-from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
-#: What `from_trainer` accepts, for error messages.
-SUPPORTED = (
-    "single-device strategies (any accelerator, devices=1) and DDP-style strategies (strategy='ddp', "
-    "'ddp_spawn', 'ddp_fork', 'ddp_notebook'; gloo on CPU, nccl on GPU; several nodes through num_nodes)"
-)
-
-#: The collective timeout when neither the caller nor the strategy names one (torch.distributed's default).
+#: The collective timeout when the caller names none (torch.distributed's and Lightning's default).
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -58,8 +47,8 @@ class Distribution:
 
     `group` carries the data collectives (the reducer's all-reduce and the gathers) and `control_group` (gloo,
     CPU) the per-stage failure flags, kept apart so a flag never meets a data collective of another process.
-    Both are None with one process. Build several-process instances with `from_trainer` or
-    `from_process_group` rather than by hand.
+    Both are None with one process. Build several-process instances with `from_process_group` (or, under a
+    Lightning trainer, `lightning_influence.lightning.strategy.distribution_for`) rather than by hand.
     """
 
     reducer: Reducer = field(default_factory=LocalReducer)
@@ -67,6 +56,21 @@ class Distribution:
     world_size: int = 1
     group: Any = None
     control_group: Any = None
+    #: The process groups this distribution created, destroyed by `close`.
+    owned_groups: tuple[Any, ...] = ()
+
+    def __enter__(self) -> Distribution:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Destroy the process groups this distribution created (collective, like their creation); idempotent."""
+        groups, self.owned_groups = self.owned_groups, ()
+        if groups and torch.distributed.is_initialized():
+            for group in groups:
+                torch.distributed.destroy_process_group(group)
 
     @property
     def is_global_zero(self) -> bool:
@@ -111,30 +115,8 @@ class Distribution:
             world_size=world_size,
             group=data_group,
             control_group=control_group,
+            owned_groups=(control_group,) if data_group is group else (data_group, control_group),
         )
-
-    @classmethod
-    def from_trainer(cls, trainer: Any, *, timeout: datetime.timedelta | None = None) -> Distribution:
-        """The distribution of a Lightning `Trainer`'s processes, once its strategy has set up (e.g. in a hook
-        such as `on_fit_end`). Collective under DDP: every rank must call it.
-
-        One process (single-device strategies, devices=1) takes the plain path and pays nothing. DDP-style
-        strategies reduce over the strategy's process group. Strategies that shard the parameters (FSDP,
-        DeepSpeed, model parallel) and others are refused with what is supported. `timeout` bounds every
-        collective of the influence computation (default: the strategy's own timeout).
-        """
-        strategy = trainer.strategy
-        refuse_unsupported_strategy(strategy)
-        if trainer.world_size == 1:
-            return cls()
-        dist = torch.distributed
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                f"The trainer runs {trainer.world_size} processes but torch.distributed is not initialised yet; "
-                "build the Distribution after the strategy has set up (in on_fit_end or later)."
-            )
-        # A group of our own carries the data collectives, so the timeout is known (and may differ from training's).
-        return cls.from_process_group(timeout=timeout or getattr(strategy, "_timeout", None) or DEFAULT_TIMEOUT)
 
     # ------------------------------------------------------------------ sharding and gathering
 
@@ -151,7 +133,7 @@ class Distribution:
 
         Shards may differ in length (and be empty); trailing shapes must agree, which is checked on all ranks.
         """
-        return self._gather_rows(rows)[0]
+        return self.gather_rows_with_lengths(rows)[0]
 
     def gather_rows_by_index(self, rows: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Join per-process rows [n_local, ...] with their dataset indices [n_local] into [N, ...] and [N],
@@ -180,7 +162,7 @@ class Distribution:
         rows, indices = self.gather_rows_by_index(values.movedim(-1, 0), indices)
         return rows.movedim(0, -1), indices
 
-    def _gather_rows(self, rows: Tensor) -> tuple[Tensor, list[int]]:
+    def gather_rows_with_lengths(self, rows: Tensor) -> tuple[Tensor, list[int]]:
         """`all_gather_rows` and the number of rows each process sent."""
         if not self.is_distributed:
             return rows, [rows.shape[0]]
@@ -207,85 +189,6 @@ class Distribution:
         buckets = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(buckets, padded, group=self.group)
         return torch.cat([bucket[:length] for bucket, length in zip(buckets, lengths)]), lengths
-
-    # ------------------------------------------------------------------ solving
-
-    def solve(self, solver: Solver, rhs: Tensor) -> InverseHvpResult:
-        """(H + λI)⁻¹ for this process's rows of `rhs` [n_local, p] (n_local may be 0, and differ by process).
-
-        A solver whose `solve` runs reduced Hessian products (cg, lissa) needs every process to solve the same
-        block, so the rows of all processes are solved together and each keeps its own; other solvers (direct,
-        arnoldi) solve each process's rows alone.
-        """
-        if not self.is_distributed or not solver.collective_solve:
-            if rhs.shape[0] == 0:
-                return InverseHvpResult(rhs.clone(), {})
-            return solver.solve(rhs)
-        rows, lengths = self._gather_rows(rhs)
-        if rows.shape[0] == 0:
-            return InverseHvpResult(rhs.clone(), {})
-        result = solver.solve(rows)
-        start = sum(lengths[: self.rank])
-        return InverseHvpResult(result.x[start : start + rhs.shape[0]], result.info)
-
-    def solve_shared(self, solver: Solver, rhs: Tensor) -> InverseHvpResult:
-        """(H + λI)⁻¹ for every row of `rhs` [M, p], the same block on every process; the result on every process.
-
-        Iterative solvers (whose reduced Hessian products need every process on the same vectors) solve the
-        whole block on every process; the others (direct, arnoldi) solve a share of the rows each, then gather.
-        """
-        if not self.is_distributed or solver.collective_solve:
-            return solver.solve(rhs)
-        positions = self.shard(range(rhs.shape[0]))
-        local = self.solve(solver, rhs[positions])
-        rows, _ = self.gather_rows_by_index(local.x, torch.tensor(positions, dtype=torch.int64))
-        return InverseHvpResult(rows, local.info)
-
-    def influence_factors(self, solver: Solver, rhs: Tensor, indices: Tensor) -> tuple[InverseHvpResult, Tensor]:
-        """Factors s = (H + λI)⁻¹ ∇ℓ(z_query) for all M queries, [M, p] sorted by query index, on every process,
-        from this process's share of query gradients `rhs` [m_local, p] and their query `indices` [m_local].
-
-        Each process computes the gradients of its share only (`shard` of the query indices); they are gathered
-        and solved with `solve_shared`.
-        """
-        rows, indices = self.gather_rows_by_index(rhs, indices)
-        return self.solve_shared(solver, rows), indices
-
-    def scores(
-        self, model: TwiceDifferentiable, training_data: Iterable[Any], factors: Tensor, *, progress: bool = False
-    ) -> Tensor:
-        """Up-weighting influence of this process's shard on every query, [M, n_local] in loader order; an empty
-        shard gives [M, 0]. Local: no collective, so processes may finish at different times."""
-        if loader_length(training_data) == 0:
-            return factors.new_zeros(factors.shape[0], 0)
-        with model.evaluating():
-            return torch.cat(list(up_score_blocks(model, training_data, factors, progress=progress)), dim=1)
-
-    def self_influences(
-        self, model: TwiceDifferentiable, training_data: Iterable[Any], solver: Solver, *, progress: bool = False
-    ) -> Tensor:
-        """Self-influence ⟨(H + λI)⁻¹ ∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ of every example of this process's shard, [n_local], in
-        loader order; the shard may be empty. With iterative solvers the processes go batch round by batch
-        round, solving the union of their batches together, until every shard is exhausted."""
-        with model.evaluating():
-            blocks = _gradient_blocks(model, training_data, progress)
-            if not self.is_distributed or not solver.collective_solve:
-                values = [(self.solve(solver, block).x * block).sum(1) for block in blocks]
-            else:
-                values = []
-                while True:
-                    block = next(blocks, None)
-                    more = self.reducer.sum(
-                        torch.tensor(float(block is not None), dtype=torch.float64, device=model.device)
-                    )
-                    if float(more) == 0:
-                        break
-                    if block is None:
-                        block = torch.zeros(0, model.num_params, dtype=model.dtype, device=model.device)
-                    values.append((self.solve(solver, block).x * block).sum(1))
-        if not values:
-            return torch.zeros(0, dtype=model.dtype, device=model.device)
-        return torch.cat(values)
 
     # ------------------------------------------------------------------ coordination
 
@@ -319,6 +222,18 @@ class Distribution:
             raise stage_error from error
         raise stage_error
 
+    def any_process(self, condition: bool) -> bool:
+        """Whether `condition` holds on at least one process (collective; so every process takes one branch)."""
+        if not self.is_distributed:
+            return condition
+        count = self.reducer.sum(torch.tensor(float(condition), dtype=torch.float64, device=self._device()))
+        return float(count) > 0
+
+    def _device(self) -> torch.device:
+        """Where the data group's tensors live: the current CUDA device under NCCL, else the CPU."""
+        backend = torch.distributed.get_backend(self.group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
     def barrier(self) -> None:
         """Wait for every process (nothing to wait for with one). It is an empty `stage`: a process that fails
         in a stage while the others wait here makes them raise instead of waiting for ever."""
@@ -326,37 +241,4 @@ class Distribution:
             pass
 
 
-def _gradient_blocks(model: TwiceDifferentiable, data: Iterable[Any], progress: bool) -> Iterator[Tensor]:
-    """Per-example gradient blocks of a possibly empty shard (a loader of length 0 yields nothing)."""
-    if loader_length(data) == 0:
-        return iter(())
-    return (block for _, block in gradients(model, data, name="training_data", progress=progress))
-
-
-def refuse_unsupported_strategy(strategy: Any) -> None:
-    """Raise for strategies the influence computation cannot run under, naming what it supports."""
-    from pytorch_lightning.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-        ParallelStrategy,
-    )
-
-    name = type(strategy).__name__
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise NotImplementedError(
-            f"Influence functions are not supported under {name}: it shards the model's parameters across "
-            f"processes, while the influence computation needs every parameter on every process. Supported: "
-            f"{SUPPORTED}. Compute influence from a checkpoint with one of those, or with the functional API."
-        )
-    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, DDPStrategy):
-        raise NotImplementedError(f"Influence functions are not supported under {name}. Supported: {SUPPORTED}.")
-
-
-def local_distribution() -> Distribution:
-    """The single-process distribution."""
-    return Distribution()
-
-
-__all__ = ["DistributedStageError", "Distribution", "SUPPORTED", "local_distribution", "refuse_unsupported_strategy"]
+__all__ = ["DEFAULT_TIMEOUT", "DistributedStageError", "Distribution"]

@@ -7,20 +7,22 @@ the query's loss by I_up / N); I_pert(z_test, zᵢ) = ∇ₓ I_up.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_influence.curvature.operator import Curvature, CurvatureOperator, check_curvature
+from lightning_influence.checks import Curvature
+from lightning_influence.curvature.reducer import LocalReducer, Reducer
+from lightning_influence.engine.arguments import InfluenceArguments
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.engine.engine import InfluenceEngine
+from lightning_influence.engine.scoring import perturbation_scores, self_influences, up_scores
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import InfluenceComputationError
-from lightning_influence.curvature.reducer import Reducer
-from lightning_influence.engine.scoring import perturbation_score_blocks, self_influence_blocks, stacked_gradients, up_score_blocks
-from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
-from lightning_influence.checks import check_regularization
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+from lightning_influence.solvers import InverseHvpResult, Solver
 
 __all__ = [
     "compute_influence_factors",
@@ -32,13 +34,24 @@ __all__ = [
 ]
 
 
-def _check_model(model: Any) -> TwiceDifferentiable:
-    if not isinstance(model, TwiceDifferentiable):
-        raise TypeError(
-            f"model must be a TwiceDifferentiable, got {type(model).__name__}; wrap a module as "
-            "TwiceDifferentiable(module, loss_fn)."
-        )
-    return model
+def _engine(
+    model: TwiceDifferentiable,
+    training_data: Iterable[Any],
+    inversion_method: str | InversionMethod,
+    *,
+    hessian_regularization: float | str,
+    curvature: Curvature = "hessian",
+    block_diagonal: bool = False,
+    progress: bool,
+    reducer: Reducer | None,
+    method_kwargs: dict[str, Any],
+) -> InfluenceEngine:
+    """A one-process engine (its sums reduced by `reducer` when given) with the options checked."""
+    arguments = InfluenceArguments(method=inversion_method, method_kwargs=method_kwargs,
+                                   hessian_regularization=hessian_regularization, curvature=curvature,
+                                   block_diagonal=block_diagonal)
+    distribution = Distribution(reducer=reducer if reducer is not None else LocalReducer())
+    return InfluenceEngine(model, training_data, arguments, distribution=distribution, progress=progress)
 
 
 def fit_solver(
@@ -46,7 +59,7 @@ def fit_solver(
     training_data: Iterable[Any],
     inversion_method: str | InversionMethod,
     *,
-    hessian_regularization: float = 0.0,
+    hessian_regularization: float | str = 0.0,
     curvature: Curvature = "hessian",
     block_diagonal: bool = False,
     progress: bool = False,
@@ -59,15 +72,9 @@ def fit_solver(
     `CurvatureOperator`). `kwargs` are the method's options (e.g. `rank` for arnoldi, `rtol` for cg); all are
     checked before any computation starts.
     """
-    model = _check_model(model)
-    regularization = check_regularization(hessian_regularization)
-    check_curvature(curvature, block_diagonal)
-    solver = make_solver(inversion_method, **kwargs)
-    operator = CurvatureOperator(model, training_data, reducer=reducer, progress=progress, curvature=curvature,
-                                 block_diagonal=block_diagonal)
-    with model.evaluating():
-        operator.check()
-        return solver.fit(operator, regularization)
+    return _engine(model, training_data, inversion_method, hessian_regularization=hessian_regularization,
+                   curvature=curvature, block_diagonal=block_diagonal, progress=progress, reducer=reducer,
+                   method_kwargs=kwargs).fit()
 
 
 def compute_influence_factors(
@@ -76,31 +83,31 @@ def compute_influence_factors(
     test_data: Iterable[Any],
     inversion_method: str | InversionMethod,
     *,
-    hessian_perturbation: float = 0.0,
+    hessian_perturbation: float | str = 0.0,
     progress: bool = False,
     reducer: Reducer | None = None,
+    curvature: Curvature = "hessian",
+    block_diagonal: bool = False,
     **kwargs: Any,
 ) -> InverseHvpResult:
     """Influence factors s_test = (H + λI)⁻¹ ∇θ ℓ(z_test) for every test example: `x` [M, p] and `info`.
 
-    λ is `hessian_perturbation`; H is the mean-loss Hessian over `training_data` (`kwargs` may hold
-    `curvature` and `block_diagonal` for `fit_solver`, besides the method's options).
+    λ is `hessian_perturbation`; H is the mean-loss Hessian over `training_data` (or its Gauss–Newton part, or
+    per-layer blocks, as in `fit_solver`); `kwargs` are the method's options.
     """
-    solver = fit_solver(
-        model,
-        training_data,
-        inversion_method,
-        hessian_regularization=hessian_perturbation,
-        progress=progress,
-        reducer=reducer,
-        **kwargs,
-    )
-    with model.evaluating():
-        rhs = stacked_gradients(model, test_data, name="test_data", progress=progress)
-        return solver.solve(rhs)
+    engine = _engine(model, training_data, inversion_method, hessian_regularization=hessian_perturbation,
+                     curvature=curvature, block_diagonal=block_diagonal, progress=progress, reducer=reducer,
+                     method_kwargs=kwargs)
+    engine.fit()
+    return engine.factors(engine.gradients(test_data, name="test_data"))
 
 
 def _factor_tensor(model: TwiceDifferentiable, influence_factors: InverseHvpResult | Tensor) -> Tensor:
+    if not isinstance(model, TwiceDifferentiable):
+        raise TypeError(
+            f"model must be a TwiceDifferentiable, got {type(model).__name__}; wrap a module as "
+            "TwiceDifferentiable(module, loss_fn)."
+        )
     factors = influence_factors.x if isinstance(influence_factors, InverseHvpResult) else influence_factors
     if not isinstance(factors, Tensor) or factors.ndim != 2 or factors.shape[1] != model.num_params:
         shape = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
@@ -119,7 +126,7 @@ def compute_influences_up(
     progress: bool = False,
 ) -> Tensor:
     """Up-weighting influence ⟨s_test, ∇θ ℓ(zᵢ)⟩ of every example of `input_data` on every query: [M, N]."""
-    return _joined_blocks(up_score_blocks, model, input_data, influence_factors, progress)
+    return up_scores(model, input_data, _factor_tensor(model, influence_factors), progress=progress)
 
 
 def compute_influences_pert(
@@ -130,30 +137,16 @@ def compute_influences_pert(
     progress: bool = False,
 ) -> Tensor:
     """Perturbation influence ∇ₓ ⟨s_test, ∇θ ℓ(zᵢ)⟩ for every example of `input_data`: [M, N, *x_shape]."""
-    return _joined_blocks(perturbation_score_blocks, model, input_data, influence_factors, progress)
-
-
-def _joined_blocks(
-    blocks: Callable[..., Iterable[Tensor]],
-    model: TwiceDifferentiable,
-    input_data: Iterable[Any],
-    influence_factors: InverseHvpResult | Tensor,
-    progress: bool,
-) -> Tensor:
-    """Stream a scoring generator over `input_data` in eval mode and join its per-batch blocks along dim 1."""
-    model = _check_model(model)
-    factors = _factor_tensor(model, influence_factors)
-    with model.evaluating():
-        return torch.cat(list(blocks(model, input_data, factors, progress=progress)), dim=1)
+    return perturbation_scores(model, input_data, _factor_tensor(model, influence_factors), progress=progress)
 
 
 def compute_self_influences(
     model: TwiceDifferentiable, training_data: Iterable[Any], solver: Solver, *, progress: bool = False
 ) -> Tensor:
     """Self-influence ⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩ of every training example, [N], with a fitted solver."""
-    model = _check_model(model)
-    with model.evaluating():
-        return torch.cat(list(self_influence_blocks(model, training_data, solver, progress=progress)))
+    if not isinstance(model, TwiceDifferentiable):
+        raise TypeError(f"model must be a TwiceDifferentiable, got {type(model).__name__}.")
+    return self_influences(model, training_data, lambda block: solver.solve(block).x, progress=progress)
 
 
 def compute_influences(

@@ -7,7 +7,7 @@ into pieces of `model.example_rows()` examples, so the bound becomes that budget
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -15,7 +15,6 @@ from torch import Tensor
 
 from lightning_influence.model.data import batch_size, iterate_batches, row_slices, slice_batch
 from lightning_influence.model.layers import LayerStructure
-from lightning_influence.solvers import Solver
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
@@ -60,35 +59,43 @@ def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: 
     return torch.cat([block for _, block in gradients(model, data, name=name, progress=progress)])
 
 
-def up_score_blocks(
-    model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
-) -> Iterator[Tensor]:
-    """Blocks of I_up = factors · ∇θ ℓ(zᵢ)ᵀ, [M, B] per batch of `data` (or per piece of it), in loader order."""
-    for _, block in gradients(model, data, name="input_data", progress=progress):
-        yield factors @ block.T
+def gradient_blocks(model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
+                    ) -> Iterator[Tensor]:
+    """The per-example gradient blocks of `gradients`, without their batch index."""
+    return (block for _, block in gradients(model, data, name=name, progress=progress))
 
 
-def perturbation_score_blocks(
-    model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
-) -> Iterator[Tensor]:
-    """Blocks of I_pert = ∇ₓ ⟨s, ∇θ ℓ(zᵢ)⟩, [M, B, *x_shape] per batch of `data`; under the model's
-    `max_memory` each block holds as many examples as fit (at least one)."""
-    batches = iterate_batches(data, model.device, model.dtype, name="input_data", progress=progress)
-    for index, inputs, targets in batches:
-        if index == 0:
-            model.batch_loss(inputs, targets)  # checked once: the check costs a forward pass
-        rows = None
-        if model.max_memory is not None and isinstance(inputs, Tensor):
-            rows = model.max_memory // (factors.shape[0] * inputs[0].numel() * inputs.element_size())
-        for start, stop in row_slices(batch_size(inputs), rows):
-            piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
-            block = model.mixed_grad(piece_inputs, piece_targets, factors)
-            yield check_finite(block, "perturbation influence", index)
+def up_scores(model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False) -> Tensor:
+    """I_up = factors · ∇θ ℓ(zᵢ)ᵀ for every example of `data`, [M, N] in loader order, formed batch by batch."""
+    with model.evaluating():
+        blocks = [factors @ block.T for block in gradient_blocks(model, data, name="input_data", progress=progress)]
+    return torch.cat(blocks, dim=1)
 
 
-def self_influence_blocks(
-    model: TwiceDifferentiable, data: Iterable[Any], solver: Solver, *, progress: bool = False
-) -> Iterator[Tensor]:
-    """Blocks of ⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩, one [B] block per batch, each batch solved as one block."""
-    for _, block in gradients(model, data, name="training_data", progress=progress):
-        yield (solver.solve(block).x * block).sum(1)
+def perturbation_scores(model: TwiceDifferentiable, data: Iterable[Any], factors: Tensor, *, progress: bool = False
+                        ) -> Tensor:
+    """I_pert = ∇ₓ ⟨s, ∇θ ℓ(zᵢ)⟩ for every example of `data`, [M, N, *x_shape]; under the model's `max_memory`
+    each block holds as many examples as fit (at least one)."""
+    blocks = []
+    with model.evaluating():
+        batches = iterate_batches(data, model.device, model.dtype, name="input_data", progress=progress)
+        for index, inputs, targets in batches:
+            if index == 0:
+                model.batch_loss(inputs, targets)  # checked once: the check costs a forward pass
+            rows = None
+            if model.max_memory is not None and isinstance(inputs, Tensor):
+                rows = model.max_memory // (factors.shape[0] * inputs[0].numel() * inputs.element_size())
+            for start, stop in row_slices(batch_size(inputs), rows):
+                piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
+                block = model.mixed_grad(piece_inputs, piece_targets, factors)
+                blocks.append(check_finite(block, "perturbation influence", index))
+    return torch.cat(blocks, dim=1)
+
+
+def self_influences(model: TwiceDifferentiable, data: Iterable[Any], solve: Callable[[Tensor], Tensor], *,
+                    progress: bool = False) -> Tensor:
+    """⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩ of every example of `data`, [N]; `solve` maps a block of gradients
+    [B, p] to (H + λI)⁻¹ applied to each row, and each batch is solved as one block."""
+    with model.evaluating():
+        blocks = gradient_blocks(model, data, name="training_data", progress=progress)
+        return torch.cat([(solve(block) * block).sum(1) for block in blocks])

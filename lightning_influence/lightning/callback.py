@@ -1,11 +1,13 @@
 """`InfluenceCallback`: influence functions when fitting ends, reported to the loggers and saved for reuse.
 
-A thin adapter: it finds the loss, the data (with dataset indices) and the processes, then hands plain
-arguments to `pipeline.compute_influence` and the result to `reports.write_reports`. No mathematics here.
+A thin adapter: it finds the loss, the data (with dataset indices), the processes and the folder, then hands
+them with its `InfluenceArguments` to `storage.runs.compute_influence`, and the result to
+`reports.write_reports`. No mathematics here.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
 from collections.abc import Callable, Sequence
@@ -17,17 +19,19 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
-from lightning_influence.curvature.operator import Curvature, check_curvature
-from lightning_influence.checks import parse_memory
-from lightning_influence.engine.distribution import Distribution, refuse_unsupported_strategy
-from lightning_influence.enums import InfluenceType, InversionMethod
-from lightning_influence.storage.runs import BatchTransform, IndexedData, compute_influence
+from lightning_influence.checks import Curvature, flag, positive_int
+from lightning_influence.engine.arguments import InfluenceArguments
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.errors import ResultMismatchError
+from lightning_influence.lightning.save_dir import default_save_dir, fresh_sibling
+from lightning_influence.lightning.strategy import distribution_for, refuse_unsupported_strategy
+from lightning_influence.model.data import BatchTransform, IndexedData
+from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
-from lightning_influence.solvers import make_solver
-from lightning_influence.checks import check_regularization, positive_int
-from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
+from lightning_influence.storage.runs import compute_influence
 
 OnError = Literal["raise", "warn"]
 
@@ -62,12 +66,6 @@ def _check_indices(value: Sequence[int] | None, what: str) -> list[int] | None:
     return values
 
 
-def distribution_for(trainer: pl.Trainer) -> Distribution:
-    """How this process shares the computation with the trainer's other processes: the plain local path for
-    one process, the strategy's process group under DDP; parameter-sharding strategies are refused."""
-    return Distribution.from_trainer(trainer)
-
-
 class InfluenceCallback(pl.Callback):
     """Compute influence functions (Koh & Liang, 2017) of the training data on query examples when fit ends.
 
@@ -84,7 +82,8 @@ class InfluenceCallback(pl.Callback):
             with known keys (a callable or a dotted path).
         method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ...).
         method_kwargs: the method's options, e.g. ``{"rank": 50}`` for arnoldi or ``{"rtol": 1e-4}`` for cg.
-        hessian_regularization: λ ≥ 0 in (H + λI); at least the weight decay the loss leaves out.
+        hessian_regularization: λ ≥ 0 in (H + λI), at least the weight decay the loss leaves out; or ``"auto"``
+            (a fraction of the mean eigenvalue of H).
         curvature: ``hessian`` (the mean-loss Hessian H) or ``ggn`` (its Gauss–Newton part, positive
             semi-definite; cheaper to make well-conditioned).
         block_diagonal: keep only the per-layer blocks of the curvature (cross-layer terms dropped).
@@ -95,11 +94,17 @@ class InfluenceCallback(pl.Callback):
         batch_size: examples per batch in every pass over the data.
         max_memory: bytes, or a string such as ``"2GB"``, for the per-example gradients and score chunks held
             at once (see `TwiceDifferentiable`); None: bounded by ``batch_size`` alone.
-        save_dir: where the tensors and report files go. Default: ``<trainer.log_dir>/influence``.
+        save_dir: where the tensors and report files go. Default: ``<log_dir>/influence`` under a TensorBoard or
+            CSV logger, else ``<default_root_dir>/influence/version_N``. A folder that holds another run's result
+            is left alone: this run goes to a fresh sibling folder, with a warning.
         progress: show progress bars. Default: follow the trainer's progress bar.
         on_error: ``raise`` to propagate a failure of the influence computation, ``warn`` to warn and let the
             run finish; either way training's checkpoints and logs are left intact.
         compute_on_fit_end: run in ``on_fit_end``; set False to call ``compute(trainer, module)`` yourself.
+        timeout: seconds every collective of the influence computation may wait under DDP (default: 30 minutes).
+
+    The options that decide the numbers are checked at construction and kept in ``self.arguments``
+    (`InfluenceArguments`), which is saved with the result.
     """
 
     def __init__(
@@ -113,10 +118,10 @@ class InfluenceCallback(pl.Callback):
         batch_transform: BatchTransform | str | None = None,
         method: str = "cg",
         method_kwargs: dict[str, Any] | None = None,
-        hessian_regularization: float = 0.01,
+        hessian_regularization: float | Literal["auto"] = 0.01,
         curvature: Curvature = "hessian",
         block_diagonal: bool = False,
-        influence_type: str = "up",
+        influence_type: Literal["up", "perturbation"] = "up",
         params: str | Sequence[str] | None = None,
         self_influence: bool = False,
         top_k: int = 5,
@@ -126,46 +131,34 @@ class InfluenceCallback(pl.Callback):
         progress: bool | None = None,
         on_error: OnError = "raise",
         compute_on_fit_end: bool = True,
+        timeout: float | None = None,
     ) -> None:
         super().__init__()
+        self.arguments = InfluenceArguments(
+            method=method, method_kwargs=method_kwargs if method_kwargs is not None else {},
+            hessian_regularization=hessian_regularization, curvature=curvature, block_diagonal=block_diagonal,
+            influence_type=influence_type, self_influence=self_influence, batch_size=batch_size,
+            max_memory=max_memory,
+        )
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
-        self.method = InversionMethod.parse(method)
-        if method_kwargs is not None and not isinstance(method_kwargs, dict):
-            raise TypeError(f"method_kwargs must be a dict of the method's options, got {method_kwargs!r}.")
-        self.method_kwargs = dict(method_kwargs or {})
-        make_solver(self.method, **self.method_kwargs)  # unknown or invalid options fail now, not after training
-        self.hessian_regularization = check_regularization(hessian_regularization)
-        check_curvature(curvature, block_diagonal)
-        self.curvature: Curvature = curvature
-        self.block_diagonal = block_diagonal
-        self.influence_type = InfluenceType.parse(influence_type)
         if params is not None and not (isinstance(params, str) or all(isinstance(p, str) for p in params)):
             raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
         self.params = params
         self.num_queries = positive_int("num_queries", num_queries, allow_none=True)
         self.query_indices = _check_indices(query_indices, "query_indices")
         self.top_k = positive_int("top_k", top_k)
-        self.batch_size = positive_int("batch_size", batch_size)
-        parse_memory(max_memory)  # a malformed size fails now, not after training
-        self.max_memory = max_memory
-        for name, flag in (("self_influence", self_influence), ("compute_on_fit_end", compute_on_fit_end)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}.")
-        self.self_influence = self_influence
-        self.compute_on_fit_end = compute_on_fit_end
+        self.compute_on_fit_end = flag("compute_on_fit_end", compute_on_fit_end)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None (follow the trainer), got {progress!r}.")
         self.progress = progress
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}.")
         self.on_error = on_error
-        if save_dir is not None:
-            if not isinstance(save_dir, (str, os.PathLike)):
-                raise TypeError(f"save_dir must be a path, got {save_dir!r}.")
-            if Path(save_dir).exists() and not Path(save_dir).is_dir():
-                raise NotADirectoryError(f"save_dir {str(save_dir)!r} is a file, not a folder; pass a folder path.")
-        self.save_dir = save_dir
+        self.save_dir = _check_save_dir(save_dir)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}.")
+        self.timeout = None if timeout is None else datetime.timedelta(seconds=timeout)
         self.query_data = None if query_data is None else self._indexed(query_data, "query_data")
         self.training_data = None if training_data is None else self._indexed(training_data, "training_data")
         self.result: InfluenceResult | None = None
@@ -173,10 +166,17 @@ class InfluenceCallback(pl.Callback):
     def _indexed(self, data: Any, name: str) -> IndexedData:
         return IndexedData(data, batch_transform=self.batch_transform, name=name)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.arguments.method.value, save_dir=self.save_dir)
+
     # -- hooks --------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_unsupported_strategy(trainer.strategy)  # before training, not after it
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compute_on_fit_end:
             self.compute(trainer, pl_module)
@@ -200,8 +200,8 @@ class InfluenceCallback(pl.Callback):
 
     # -- steps --------------------------------------------------------------------------------------------
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult:
-        distribution = distribution_for(trainer)
-        model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params, max_memory=self.max_memory)
+        model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params,
+                                    max_memory=self.arguments.max_memory)
         training = self.training_data
         if training is None:
             training = self._indexed(self._trainer_data(trainer, "train"), "training_data")
@@ -213,21 +213,30 @@ class InfluenceCallback(pl.Callback):
         query_indices = self.query_indices
         if query_indices is None and self.num_queries is not None:
             query_indices = list(range(min(self.num_queries, len(query))))
-        folder = Path(self.save_dir) if self.save_dir is not None else Path(trainer.log_dir or ".") / "influence"
+        folder = Path(self.save_dir) if self.save_dir is not None else default_save_dir(trainer)
         progress = self.progress if self.progress is not None else trainer.progress_bar_callback is not None
-        with torch.inference_mode(False), torch.enable_grad():
-            result = compute_influence(
-                model, training, query, save_dir=folder, query_indices=query_indices, method=self.method,
-                method_kwargs=self.method_kwargs, hessian_regularization=self.hessian_regularization,
-                curvature=self.curvature, block_diagonal=self.block_diagonal,
-                influence_type=self.influence_type, self_influence=self.self_influence, batch_size=self.batch_size,
-                progress=progress, distribution=distribution,
-            )
-        with distribution.stage("reports"):  # written once, by global rank zero
+        with distribution_for(trainer, timeout=self.timeout) as distribution:
+            run = lambda where: compute_influence(  # noqa: E731
+                model, training, query, self.arguments, save_dir=where, query_indices=query_indices,
+                progress=progress, distribution=distribution)
+            with torch.inference_mode(False), torch.enable_grad():
+                try:
+                    result = run(folder)
+                except ResultMismatchError as mismatch:
+                    folder = fresh_sibling(trainer, folder)
+                    rank_zero_warn(f"{mismatch} This run's influence result goes to {str(folder)!r} instead.",
+                                   category=RuntimeWarning)
+                    result = run(folder)
+            self._report(result, trainer, distribution, training, query, folder)
+        return result
+
+    def _report(self, result: InfluenceResult, trainer: pl.Trainer, distribution: Distribution,
+                training: IndexedData, query: IndexedData, folder: Path) -> None:
+        """Write the report once, by global rank zero, to the loggers and to `folder/report`."""
+        with distribution.stage("reports"):
             if distribution.is_global_zero:
                 write_reports(result, train_data=training, query_data=query, top_k=self.top_k,
                               folder=folder / "report", loggers=trainer.loggers, step=trainer.global_step)
-        return result
 
     def _loss(self, pl_module: nn.Module) -> LossFn:
         forward = getattr(type(pl_module), "forward", None)
@@ -264,3 +273,14 @@ class InfluenceCallback(pl.Callback):
                 f"The trainer's {stage} data is a {type(loaders).__name__}, not one DataLoader; pass {argument}=... ."
             )
         return loaders
+
+
+def _check_save_dir(save_dir: Any) -> str | os.PathLike[str] | None:
+    """A folder path (existing or not) or None; a path to an existing file is refused."""
+    if save_dir is None:
+        return None
+    if not isinstance(save_dir, (str, os.PathLike)):
+        raise TypeError(f"save_dir must be a path, got {save_dir!r}.")
+    if Path(save_dir).exists() and not Path(save_dir).is_dir():
+        raise NotADirectoryError(f"save_dir {str(save_dir)!r} is a file, not a folder; pass a folder path.")
+    return save_dir

@@ -1,14 +1,19 @@
-"""Reading (inputs, targets) batches from DataLoaders onto the model's device and dtype."""
+"""Training and query data: datasets read by dataset index (`IndexedData`), and (inputs, targets) batches
+moved onto the model's device and dtype."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
 T = TypeVar("T")
+#: Maps a collated batch to (inputs, targets) when tuples, lists and dicts with known keys do not suffice.
+BatchTransform = Callable[[Any], Any]
 
 #: Key pairs tried, in order, when a batch is a dict.
 DICT_KEY_PAIRS: tuple[tuple[str, str], ...] = (
@@ -130,3 +135,94 @@ def row_slices(total: int, rows: int | None) -> Iterator[tuple[int, int]]:
     step = max(1, total if rows is None else rows)
     for start in range(0, total, step):
         yield start, min(start + step, total)
+
+
+class _TransformedLoader:
+    """A loader whose batches pass through the user's `batch_transform`; iterable many times, with a length."""
+
+    def __init__(self, loader: DataLoader, transform: BatchTransform, name: str) -> None:
+        self.loader, self.transform, self.name = loader, transform, name
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield _apply_transform(self.transform, batch, self.name)
+
+
+def _apply_transform(transform: BatchTransform, batch: Any, name: str) -> Any:
+    try:
+        return transform(batch)
+    except Exception as error:
+        raise ValueError(
+            f"batch_transform failed on a batch of {name} ({type(error).__name__}: {error}); it must map a "
+            "collated batch to (inputs, targets)."
+        ) from error
+
+
+class IndexedData:
+    """A map-style dataset read by dataset index in a fixed order, batched with its own collate function.
+
+    Args:
+        data: a map-style `Dataset`, or a `DataLoader` whose dataset and collate function are used (its
+            sampler and shuffling are ignored, so indices stay those of the dataset).
+        batch_transform: maps a collated batch to `(inputs, targets)` when tuples/lists/dicts do not suffice.
+        name: how errors refer to this data.
+    """
+
+    def __init__(self, data: Dataset | DataLoader, *, batch_transform: BatchTransform | None = None,
+                 name: str = "data") -> None:
+        collate: Callable[[list[Any]], Any] = default_collate
+        dataset: Any = data
+        if isinstance(data, DataLoader):
+            dataset = data.dataset
+            if data.batch_sampler is not None:  # automatic batching: its collate_fn makes batches from items
+                collate = data.collate_fn
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"{name} is an IterableDataset; influence ties every score to a dataset index, so it needs a "
+                "map-style Dataset (with __getitem__ and __len__). Materialise the data as such a Dataset."
+            )
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"{name} must be a map-style torch Dataset or a DataLoader over one, got {type(data).__name__}."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"{name} is empty; pass a dataset with at least one example.")
+        if batch_transform is not None and not callable(batch_transform):
+            raise TypeError(f"batch_transform must be callable as batch_transform(batch), got {batch_transform!r}.")
+        self.dataset = dataset
+        self.collate_fn = collate
+        self.batch_transform = batch_transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def check_indices(self, indices: Sequence[int] | None, what: str) -> list[int]:
+        """All indices (None) or the given ones, checked to be distinct integers within the dataset."""
+        if indices is None:
+            return list(range(len(self)))
+        values = indices.tolist() if isinstance(indices, Tensor) else list(indices)
+        if not values:
+            raise ValueError(f"{what} is empty; pass at least one dataset index.")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(self)]
+        if bad:
+            raise ValueError(f"{what} must be integers in [0, {len(self)}) for {self.name}, got {bad[:5]}.")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{what} repeats dataset indices; each example may appear once.")
+        return values
+
+    def loader(self, indices: Sequence[int], batch_size: int) -> Iterable[Any]:
+        """Batches of the examples at `indices`, in that order."""
+        loader = DataLoader(Subset(self.dataset, list(indices)), batch_size=batch_size, shuffle=False,
+                            collate_fn=self.collate_fn)
+        return loader if self.batch_transform is None else _TransformedLoader(loader, self.batch_transform, self.name)
+
+    def examples(self, indices: Sequence[int]) -> tuple[Any, Tensor]:
+        """`(inputs, targets)` of the examples at `indices`, collated as one batch (for reports)."""
+        batch = self.collate_fn([self.dataset[int(i)] for i in indices])
+        if self.batch_transform is not None:
+            batch = _apply_transform(self.batch_transform, batch, self.name)
+        return split_batch(batch)

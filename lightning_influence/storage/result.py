@@ -26,10 +26,11 @@ from lightning_influence.storage.files import (
     staging_folder,
     tensor_digest,
 )
+from lightning_influence.engine.functional import compute_influences_up
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 #: Bumped whenever the folder layout changes; a folder with another version is refused on load.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
 _ARRAYS = ("scores", "query_indices", "train_indices", "factors", "self_influence", "perturbation")
 
@@ -135,8 +136,6 @@ class InfluenceResult:
         `model` must be the model the result was computed with (same weights and parameter selection); this is
         checked against the saved parameter hash, since factors of other weights would give wrong numbers.
         """
-        from lightning_influence.engine.functional import compute_influences_up
-
         if not isinstance(model, TwiceDifferentiable):
             raise TypeError(
                 f"model must be a TwiceDifferentiable, got {type(model).__name__}; wrap the module as "
@@ -179,8 +178,14 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, mmap: bool = True) -> InfluenceResult:
-        """Read a folder written by `save`; large arrays are memory-mapped unless `mmap=False`."""
+        """Read a folder written by `save`; large arrays are memory-mapped unless `mmap=False`.
+
+        `path` may also be the `save_dir` given to the callback or `compute_influence`, which holds the result in
+        its `result/` folder.
+        """
         folder = Path(path)
+        if not (folder / METADATA_FILE).is_file() and (folder / "result" / METADATA_FILE).is_file():
+            folder = folder / "result"
         meta_path = folder / METADATA_FILE
         if not meta_path.is_file():
             partial = (folder / "partial").is_dir() or (folder.parent / "partial").is_dir()

@@ -1,4 +1,4 @@
-"""The one path from data to an `InfluenceResult`: query gradients → factors → scores → self-influence.
+"""Storing a run as it goes, and resuming it: the chunk loop over the engine's stages, and the run's identity.
 
 Training data is read in a fixed order by dataset index (a sequential loader over a `Subset` of this process's
 shard), never in a training loader's shuffled order. Everything computed is stored in `save_dir` as soon as it
@@ -6,11 +6,12 @@ exists — the factors, then the scores chunk by chunk — so a rerun with the s
 finished chunks and ends bit-identical to an uninterrupted run. The folder looks like::
 
     save_dir/
-      partial/                 while running: manifest.json (the run's fingerprint), factors, per-rank chunks
+      partial/                 while running: manifest.json (the run's identity), factors, per-rank chunks
       result/                  when done: the InfluenceResult folder (metadata.json written last)
 
-A folder written for other weights, method, λ, data or queries is refused with the differences named.
-No mathematics lives here: the engine (`fit_solver`, `scoring`) does it.
+A run is identified by its `InfluenceArguments` (all but `self_influence`, which a finished run can add), the
+model's weights and parameters, the data and the queries; a folder written for another run is refused with
+the differences named. No mathematics lives here: the engine does it.
 """
 
 from __future__ import annotations
@@ -18,23 +19,21 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
-from lightning_influence.curvature.operator import Curvature, check_curvature
-from lightning_influence.model.data import progress_bar, split_batch
-from lightning_influence.engine.distribution import Distribution, local_distribution
-from lightning_influence.enums import InfluenceType, InversionMethod
-from lightning_influence.engine.functional import fit_solver
-from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
-from lightning_influence.engine.scoring import perturbation_score_blocks, stacked_gradients
-from lightning_influence.solvers import Solver, make_solver
-from lightning_influence.checks import check_regularization, positive_int
+from lightning_influence.engine.arguments import InfluenceArguments
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.engine.engine import InfluenceEngine
+from lightning_influence.enums import InfluenceType
+from lightning_influence.errors import ResultMismatchError
+from lightning_influence.model.data import IndexedData, progress_bar
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.storage.files import (
     atomic_save_array,
     atomic_write_json,
@@ -44,108 +43,17 @@ from lightning_influence.storage.files import (
     tensor_digest,
     to_jsonable,
 )
-from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
 
-BatchTransform = Callable[[Any], Any]
 #: Called after each stored chunk with (stage, chunk number, number of chunks); a hook for progress or tests.
 ChunkHook = Callable[[str, int, int], None]
 
-__all__ = ["IndexedData", "ResultMismatchError", "compute_influence"]
+__all__ = ["ChunkHook", "compute_influence", "run_identity"]
 
-
-class ResultMismatchError(ValueError):
-    """A save dir holds results of another run (other weights, method, λ, data or queries)."""
-
-
-class _TransformedLoader:
-    """A loader whose batches pass through the user's `batch_transform`; iterable many times, with a length."""
-
-    def __init__(self, loader: DataLoader, transform: BatchTransform, name: str) -> None:
-        self.loader, self.transform, self.name = loader, transform, name
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            yield _apply_transform(self.transform, batch, self.name)
-
-
-def _apply_transform(transform: BatchTransform, batch: Any, name: str) -> Any:
-    try:
-        return transform(batch)
-    except Exception as error:
-        raise ValueError(
-            f"batch_transform failed on a batch of {name} ({type(error).__name__}: {error}); it must map a "
-            "collated batch to (inputs, targets)."
-        ) from error
-
-
-class IndexedData:
-    """A map-style dataset read by dataset index in a fixed order, batched with its own collate function.
-
-    Args:
-        data: a map-style `Dataset`, or a `DataLoader` whose dataset and collate function are used (its
-            sampler and shuffling are ignored, so indices stay those of the dataset).
-        batch_transform: maps a collated batch to `(inputs, targets)` when tuples/lists/dicts do not suffice.
-        name: how errors refer to this data.
-    """
-
-    def __init__(self, data: Dataset | DataLoader, *, batch_transform: BatchTransform | None = None,
-                 name: str = "data") -> None:
-        collate: Callable[[list[Any]], Any] = default_collate
-        dataset: Any = data
-        if isinstance(data, DataLoader):
-            dataset = data.dataset
-            if data.batch_sampler is not None:  # automatic batching: its collate_fn makes batches from items
-                collate = data.collate_fn
-        if isinstance(dataset, IterableDataset):
-            raise TypeError(
-                f"{name} is an IterableDataset; influence ties every score to a dataset index, so it needs a "
-                "map-style Dataset (with __getitem__ and __len__). Materialise the data as such a Dataset."
-            )
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(
-                f"{name} must be a map-style torch Dataset or a DataLoader over one, got {type(data).__name__}."
-            )
-        if len(dataset) == 0:
-            raise ValueError(f"{name} is empty; pass a dataset with at least one example.")
-        if batch_transform is not None and not callable(batch_transform):
-            raise TypeError(f"batch_transform must be callable as batch_transform(batch), got {batch_transform!r}.")
-        self.dataset = dataset
-        self.collate_fn = collate
-        self.batch_transform = batch_transform
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def check_indices(self, indices: Sequence[int] | None, what: str) -> list[int]:
-        """All indices (None) or the given ones, checked to be distinct integers within the dataset."""
-        if indices is None:
-            return list(range(len(self)))
-        values = indices.tolist() if isinstance(indices, Tensor) else list(indices)
-        if not values:
-            raise ValueError(f"{what} is empty; pass at least one dataset index.")
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(self)]
-        if bad:
-            raise ValueError(f"{what} must be integers in [0, {len(self)}) for {self.name}, got {bad[:5]}.")
-        if len(set(values)) != len(values):
-            raise ValueError(f"{what} repeats dataset indices; each example may appear once.")
-        return values
-
-    def loader(self, indices: Sequence[int], batch_size: int) -> Iterable[Any]:
-        """Batches of the examples at `indices`, in that order."""
-        loader = DataLoader(Subset(self.dataset, list(indices)), batch_size=batch_size, shuffle=False,
-                            collate_fn=self.collate_fn)
-        return loader if self.batch_transform is None else _TransformedLoader(loader, self.batch_transform, self.name)
-
-    def examples(self, indices: Sequence[int]) -> tuple[Any, Tensor]:
-        """`(inputs, targets)` of the examples at `indices`, collated as one batch (for reports)."""
-        batch = self.collate_fn([self.dataset[int(i)] for i in indices])
-        if self.batch_transform is not None:
-            batch = _apply_transform(self.batch_transform, batch, self.name)
-        return split_batch(batch)
+#: Metadata fields that, with the digests under "fingerprint", decide whether two runs are the same run.
+_IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
+                    "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
+                    "num_train", "num_queries", "chunk_size", "world_size")
 
 
 def versions() -> dict[str, str]:
@@ -157,6 +65,11 @@ def versions() -> dict[str, str]:
         except package_metadata.PackageNotFoundError:
             found[key] = "unknown"
     return found
+
+
+def run_identity(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run the same run, read from its metadata: the identity fields and the digests."""
+    return {**{key: metadata.get(key) for key in _IDENTITY_FIELDS}, **metadata.get("fingerprint", {})}
 
 
 _LABELS = {
@@ -186,22 +99,22 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], where:
 
 
 class _PartialRun:
-    """The `partial/` folder: a manifest with the run's fingerprint, the factors, and per-rank score chunks.
+    """The `partial/` folder: a manifest with the run's identity, the factors, and per-rank score chunks.
 
     A chunk counts as finished only once its file is in place (atomic rename) and listed in the rank's
     progress file, so a crash at any point loses at most the chunk being written.
     """
 
-    def __init__(self, folder: Path, distribution: Distribution, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, distribution: Distribution, identity: dict[str, Any]) -> None:
         self.folder = folder
         self.distribution = distribution
         manifest = folder / "manifest.json"
         if distribution.is_global_zero and not manifest.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(manifest, {"format_version": FORMAT_VERSION, "fingerprint": fingerprint})
+            atomic_write_json(manifest, {"format_version": FORMAT_VERSION, "identity": identity})
         distribution.barrier()
         stored = read_json(manifest)
-        check_same_run(stored.get("fingerprint"), fingerprint, folder)
+        check_same_run(stored.get("identity"), identity, folder)
         self.rank_dir = folder / f"rank{distribution.rank}-of-{distribution.world_size}"
         self.rank_dir.mkdir(parents=True, exist_ok=True)
         self.progress_file = self.rank_dir / "progress.json"
@@ -235,28 +148,30 @@ class _PartialRun:
         return torch.cat(blocks, dim=axis)
 
 
-def _fingerprint(model: TwiceDifferentiable, **fields: Any) -> dict[str, Any]:
-    return to_jsonable({"parameters": parameter_digest(model), "parameter_names": model.param_names,
-                        "dtype": str(model.dtype), "format_version": FORMAT_VERSION, **fields})
+class _Stage(NamedTuple):
+    """A chunked stage: its name, the axis of its blocks along which examples lie, and how a chunk is computed."""
+
+    name: str
+    axis: int
+    compute: Callable[[Iterable[Any]], Tensor]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[f"{name}_seconds"] = time.perf_counter() - start
 
 
 def compute_influence(
     model: TwiceDifferentiable,
     training_data: IndexedData,
     query_data: IndexedData,
+    arguments: InfluenceArguments,
     *,
     save_dir: str | Path,
     train_indices: Sequence[int] | None = None,
     query_indices: Sequence[int] | None = None,
-    method: str | InversionMethod = "cg",
-    method_kwargs: dict[str, Any] | None = None,
-    hessian_regularization: float = 0.0,
-    curvature: Curvature = "hessian",
-    block_diagonal: bool = False,
-    influence_type: str | InfluenceType = "up",
-    self_influence: bool = False,
-    batch_size: int = 64,
-    chunk_batches: int = 8,
     progress: bool = False,
     distribution: Distribution | None = None,
     on_chunk: ChunkHook | None = None,
@@ -265,161 +180,56 @@ def compute_influence(
     `save_dir/result` (and resumed from `save_dir/partial` after an interruption).
 
     Every process of `distribution` calls this with the same arguments; each scores its shard of the training
-    indices, sums over the training data go through `distribution.reducer`, and only global rank zero writes
-    shared files. Chunks hold `batch_size * chunk_batches` training examples, fewer where the model's
-    `max_memory` cannot hold their [M, chunk] scores (and perturbations); the final [M, N] result, the factors
-    [M, p] and the solver's own state are outside that budget.
+    indices, and only global rank zero writes shared files. Chunks hold `arguments.chunk_size` training
+    examples, fewer where the memory budget cannot hold their [M, chunk] scores (and perturbations).
     """
-    distribution = distribution if distribution is not None else local_distribution()
-    if not isinstance(model, TwiceDifferentiable):
-        raise TypeError(f"model must be a TwiceDifferentiable, got {type(model).__name__}.")
+    distribution = distribution if distribution is not None else Distribution()
     for name, value in (("training_data", training_data), ("query_data", query_data)):
         if not isinstance(value, IndexedData):
             raise TypeError(f"{name} must be an IndexedData over a map-style dataset, got {type(value).__name__}.")
-    method = InversionMethod.parse(method)
-    kind = InfluenceType.parse(influence_type)
-    kwargs = dict(method_kwargs or {})
-    configured = make_solver(method, **kwargs)  # validates the options before any work
-    options = configured.options
-    regularization = check_regularization(hessian_regularization)
-    check_curvature(curvature, block_diagonal)
-    batch_size = positive_int("batch_size", batch_size)
-    chunk_size = batch_size * positive_int("chunk_batches", chunk_batches)
+    if not isinstance(arguments, InfluenceArguments):
+        raise TypeError(f"arguments must be an InfluenceArguments, got {type(arguments).__name__}.")
     train_indices = training_data.check_indices(train_indices, "train_indices")
     query_indices = query_data.check_indices(query_indices, "query_indices")
-    if model.max_memory is not None:  # a chunk's scores (and perturbations) must fit in the budget
-        values_per_example = len(query_indices)
-        if kind is InfluenceType.perturbation:
-            example_inputs = training_data.examples(train_indices[:1])[0]
-            if isinstance(example_inputs, Tensor):
-                values_per_example *= 1 + example_inputs[0].numel()
-        chunk_size = max(1, min(chunk_size, model.max_memory // (values_per_example * model.dtype.itemsize)))
     folder = Path(save_dir)
     with distribution.stage("checking save_dir"):
         if distribution.is_global_zero:
             check_writable_folder(folder)
 
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    started, timings = time.perf_counter(), {}
     shard = distribution.shard(train_indices)
-    with model.evaluating():
-        clock = time.perf_counter()
-        with distribution.stage("query gradients"):  # each process takes a share of the queries
-            rhs = _query_gradients(model, query_data, query_indices, batch_size, distribution)
-        timings["query_gradients_seconds"] = time.perf_counter() - clock
-        fingerprint = _fingerprint(
-            model, method=method.value, options=options, hessian_regularization=regularization,
-            curvature=curvature, block_diagonal=block_diagonal,
-            influence_type=kind.value, num_train=len(train_indices), train_indices=_index_digest(train_indices),
-            num_queries=len(query_indices), query_indices=_index_digest(query_indices),
-            query_gradients=tensor_digest([("rhs", rhs)]), batch_size=batch_size, chunk_size=chunk_size,
-            world_size=distribution.world_size,
-        )
-        result_dir = folder / "result"
-        if (result_dir / METADATA_FILE).is_file():
-            existing = InfluenceResult.load(result_dir)
-            check_same_run(existing.metadata.get("fingerprint"), fingerprint, result_dir)
-            if bool(self_influence) <= (existing.self_influence is not None):
-                return existing
-        run = _PartialRun(folder / "partial", distribution, fingerprint)
-
-        solver: Solver | None = None
-
-        def fitted() -> Solver:
-            nonlocal solver
-            if solver is None:
-                clock = time.perf_counter()
-                solver = fit_solver(model, training_data.loader(shard, batch_size), method,
-                                    hessian_regularization=regularization, curvature=curvature,
-                                    block_diagonal=block_diagonal, progress=progress,
-                                    reducer=distribution.reducer, **kwargs)
-                timings["fit_seconds"] = time.perf_counter() - clock
-            return solver
-
-        stored = run.load_factors()
-        resumed = stored is not None
-        if stored is None:
-            with distribution.stage("influence factors"):
-                solution = distribution.solve_shared(fitted(), rhs)
-                factors, info = solution.x.contiguous(), to_jsonable(solution.info)
-                run.save_factors(factors, info)
-        else:
-            factors, info = stored
-            factors = factors.to(device=model.device, dtype=model.dtype)
-
-        stages: list[tuple[str, int, Callable[[Iterable[Any]], Tensor]]] = [
-            ("scores", 1, lambda data: distribution.scores(model, data, factors)),
-        ]
-        if kind is InfluenceType.perturbation:
-            stages.append(
-                ("perturbation", 1, lambda data: torch.cat(list(perturbation_score_blocks(model, data, factors)), 1))
-            )
-        if self_influence:
-            stages.append(("self_influence", 0, lambda data: distribution.self_influences(model, data, fitted())))
-        chunks = [shard[start : start + chunk_size] for start in range(0, len(shard), chunk_size)]
-        if self_influence and distribution.is_distributed:
-            # Fitting is collective: every process fits if any still has self-influence chunks to compute.
-            missing = sum(not run.done("self_influence", c) for c in range(len(chunks)))
-            if float(distribution.reducer.sum(torch.tensor(float(missing), dtype=torch.float64,
-                                                           device=model.device))) > 0:
-                fitted()
-        # Iterative solvers solve self-influence blocks together, so processes take chunk positions in lockstep
-        # (a process with fewer or finished chunks joins with an empty one); the largest shard is rank zero's.
-        lockstep = distribution.is_distributed and configured.collective_solve
-        num_positions = -(-(-(-len(train_indices) // distribution.world_size)) // chunk_size)
-        local: dict[str, Tensor] = {}
-        for stage, axis, score in stages:
-            clock = time.perf_counter()
-            todo = [c for c in range(len(chunks)) if not run.done(stage, c)]
-            resumed = resumed or len(todo) < len(chunks)
-            collective = lockstep and stage == "self_influence"
-            pending = set(todo)
-            with distribution.stage(stage.replace("_", "-")):
-                for chunk in progress_bar(range(num_positions) if collective else todo, progress,
-                                          f"Influence: {stage.replace('_', '-')}"):
-                    mine = chunk in pending
-                    if collective and float(distribution.reducer.sum(
-                            torch.tensor(float(mine), dtype=torch.float64, device=model.device))) == 0:
-                        continue  # no process has this chunk position left
-                    block = score(training_data.loader(chunks[chunk] if mine else [], batch_size))
-                    if mine:
-                        run.save_chunk(stage, chunk, block)
-                        if on_chunk is not None:
-                            on_chunk(stage, chunk, len(chunks))
-                if chunks:
-                    local[stage] = run.load_stage(stage, len(chunks), axis)
-                else:  # an empty shard (fewer training examples than processes)
-                    local[stage] = _empty_stage(stage, model, factors, query_data, query_indices)
-            timings[f"{stage}_seconds"] = time.perf_counter() - clock
-
-    positions = torch.tensor(shard, dtype=torch.long)
-    scores, train_order = distribution.gather_by_index(local["scores"], positions)
-    self_values = None
-    if "self_influence" in local:
-        self_values, _ = distribution.gather_by_index(local["self_influence"], positions)
-    perturbation = None
-    if "perturbation" in local:
-        moved, _ = distribution.gather_by_index(local["perturbation"].movedim(1, -1), positions)
-        perturbation = moved.movedim(-1, 1)
+    engine = InfluenceEngine(model, training_data.loader(shard, arguments.batch_size), arguments,
+                             distribution=distribution, progress=progress)
+    with _timed(timings, "query_gradients"), distribution.stage("query gradients"):
+        rhs = engine.query_gradients(query_data, query_indices)
+    metadata = _run_metadata(model, arguments, training_data, train_indices, query_indices, rhs,
+                             distribution.world_size)
+    result_dir = folder / "result"
+    if (result_dir / METADATA_FILE).is_file():
+        existing = InfluenceResult.load(result_dir)
+        check_same_run(run_identity(existing.metadata), run_identity(metadata), result_dir)
+        if not arguments.self_influence or existing.self_influence is not None:
+            return existing
+    run = _PartialRun(folder / "partial", distribution, run_identity(metadata))
+    with _timed(timings, "factors"):
+        factors, info, resumed = _factors(engine, run, rhs)
+    chunk_size = metadata["chunk_size"]
+    chunks = [shard[start : start + chunk_size] for start in range(0, len(shard), chunk_size)]
+    largest_shard = -(-len(train_indices) // distribution.world_size)  # rank zero's
+    num_positions = -(-largest_shard // chunk_size)  # chunk positions every process steps through in lockstep
+    local: dict[str, Tensor] = {}
+    for stage in _stages(engine, arguments, factors):
+        with _timed(timings, stage.name):
+            local[stage.name], redone = _run_stage(engine, run, stage, chunks, num_positions, training_data,
+                                                   on_chunk)
+        resumed = resumed or redone
+        if not chunks:  # an empty shard (fewer training examples than processes)
+            local[stage.name] = _empty_stage(stage.name, factors, query_data, query_indices)
+    result = _gathered(distribution, local, shard, factors, query_indices)
     timings["total_seconds"] = time.perf_counter() - started
-
     convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization")}
-    metadata = to_jsonable({
-        "method": method.value, "options": options, "method_kwargs": kwargs,
-        "hessian_regularization": regularization, "curvature": curvature, "block_diagonal": block_diagonal,
-        "influence_type": kind.value,
-        "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
-        "parameter_names": model.param_names, "dtype": str(model.dtype), "self_influence": bool(self_influence),
-        "batch_size": batch_size, "chunk_size": chunk_size, "max_memory": model.max_memory,
-        "world_size": distribution.world_size, "convergence": convergence, "timings": timings, "versions": versions(), "resumed": resumed,
-        "fingerprint": fingerprint,
-    })
-    result = InfluenceResult(
-        scores=scores.cpu(), query_indices=torch.tensor(query_indices, dtype=torch.long),
-        train_indices=train_order.cpu(), factors=factors.detach().cpu(),
-        self_influence=None if self_values is None else self_values.cpu(), metadata=metadata,
-        perturbation=None if perturbation is None else perturbation.cpu(),
-    )
+    result.metadata = to_jsonable({**metadata, "self_influence": arguments.self_influence,
+                                   "convergence": convergence, "timings": timings, "resumed": resumed})
     with distribution.stage("saving the result"):  # written once, by global rank zero
         if distribution.is_global_zero:
             result.save(result_dir)
@@ -427,26 +237,106 @@ def compute_influence(
     return result
 
 
-def _query_gradients(model: TwiceDifferentiable, query_data: IndexedData, query_indices: Sequence[int],
-                     batch_size: int, distribution: Distribution) -> Tensor:
-    """Gradients of all queries [M, p] in `query_indices` order on every process; each process computes the
-    share `distribution.shard` gives it (all of them with one process)."""
-    positions = distribution.shard(range(len(query_indices)))
-    if positions:
-        mine = [query_indices[i] for i in positions]
-        rhs = stacked_gradients(model, query_data.loader(mine, batch_size), name="query_data")
-    else:
-        rhs = torch.zeros(0, model.num_params, dtype=model.dtype, device=model.device)
-    if not distribution.is_distributed:
-        return rhs
-    return distribution.gather_rows_by_index(rhs, torch.tensor(positions, dtype=torch.long))[0]
+def _chunk_size(model: TwiceDifferentiable, arguments: InfluenceArguments, training_data: IndexedData,
+                train_indices: Sequence[int], num_queries: int) -> int:
+    """Training examples per stored chunk: `arguments.chunk_size`, fewer where the memory budget (the run's, or
+    else the model's) cannot hold a chunk's [M, chunk] scores and perturbations."""
+    budget = arguments.max_memory if arguments.max_memory is not None else model.max_memory
+    if budget is None:
+        return arguments.chunk_size
+    values_per_example = num_queries
+    if arguments.influence_type is InfluenceType.perturbation:
+        example_inputs = training_data.examples(train_indices[:1])[0]
+        if isinstance(example_inputs, Tensor):
+            values_per_example *= 1 + example_inputs[0].numel()
+    return max(1, min(arguments.chunk_size, budget // (values_per_example * model.dtype.itemsize)))
 
 
-def _empty_stage(stage: str, model: TwiceDifferentiable, factors: Tensor, query_data: IndexedData,
-                 query_indices: Sequence[int]) -> Tensor:
+def _run_metadata(model: TwiceDifferentiable, arguments: InfluenceArguments, training_data: IndexedData,
+                  train_indices: Sequence[int], query_indices: Sequence[int], rhs: Tensor, world_size: int
+                  ) -> dict[str, Any]:
+    """The metadata known before any solve: the arguments, the sizes and the digests that identify the run."""
+    return to_jsonable({
+        **arguments.to_dict(),
+        "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
+        "parameter_names": model.param_names, "dtype": str(model.dtype), "world_size": world_size,
+        "chunk_size": _chunk_size(model, arguments, training_data, train_indices, len(query_indices)),
+        "versions": versions(),
+        "fingerprint": {
+            "parameters": parameter_digest(model), "format_version": FORMAT_VERSION,
+            "train_indices": _index_digest(train_indices), "query_indices": _index_digest(query_indices),
+            "query_gradients": tensor_digest([("rhs", rhs)]),
+        },
+    })
+
+
+def _factors(engine: InfluenceEngine, run: _PartialRun, rhs: Tensor) -> tuple[Tensor, dict[str, Any], bool]:
+    """The influence factors and the solver's info: stored ones when a previous attempt got that far (then
+    `resumed` is True), otherwise solved now and stored."""
+    stored = run.load_factors()
+    if stored is not None:
+        factors, info = stored
+        return factors.to(device=engine.model.device, dtype=engine.model.dtype), info, True
+    with engine.distribution.stage("influence factors"):
+        solution = engine.factors(rhs)
+        factors, info = solution.x.contiguous(), to_jsonable(solution.info)
+        run.save_factors(factors, info)
+    return factors, info, False
+
+
+def _stages(engine: InfluenceEngine, arguments: InfluenceArguments, factors: Tensor) -> list[_Stage]:
+    """The chunked stages this run computes, in order."""
+    stages = [_Stage("scores", 1, lambda data: engine.scores(data, factors))]
+    if arguments.influence_type is InfluenceType.perturbation:
+        stages.append(_Stage("perturbation", 1, lambda data: engine.perturbations(data, factors)))
+    if arguments.self_influence:
+        stages.append(_Stage("self_influence", 0, engine.self_influences))
+    return stages
+
+
+def _run_stage(engine: InfluenceEngine, run: _PartialRun, stage: _Stage, chunks: list[list[int]], num_positions: int,
+               training_data: IndexedData, on_chunk: ChunkHook | None) -> tuple[Tensor | None, bool]:
+    """Compute and store every chunk of `stage` not already stored; this process's values of the stage joined
+    in shard order (None for an empty shard), and whether stored chunks were reused."""
+    distribution, batch = engine.distribution, engine.arguments.batch_size
+    todo = [c for c in range(len(chunks)) if not run.done(stage.name, c)]
+    if stage.name == "self_influence":
+        engine.prepare_self_influence(bool(todo))
+    label = stage.name.replace("_", "-")
+    with distribution.stage(label):
+        for chunk in progress_bar(engine.chunk_rounds(stage.name, todo, num_positions), engine.progress,
+                                  f"Influence: {label}", total=len(todo)):
+            block = stage.compute(training_data.loader(chunks[chunk] if chunk is not None else [], batch))
+            if chunk is not None:
+                run.save_chunk(stage.name, chunk, block)
+                if on_chunk is not None:
+                    on_chunk(stage.name, chunk, len(chunks))
+        joined = run.load_stage(stage.name, len(chunks), stage.axis) if chunks else None
+    return joined, len(todo) < len(chunks)
+
+
+def _gathered(distribution: Distribution, local: dict[str, Tensor], shard: Sequence[int], factors: Tensor,
+              query_indices: Sequence[int]) -> InfluenceResult:
+    """Every process's stages joined by dataset index into one result (on every process)."""
+    positions = torch.tensor(list(shard), dtype=torch.long)
+    scores, train_order = distribution.gather_by_index(local["scores"], positions)
+    self_values = perturbation = None
+    if "self_influence" in local:
+        self_values = distribution.gather_by_index(local["self_influence"], positions)[0].cpu()
+    if "perturbation" in local:
+        moved = distribution.gather_by_index(local["perturbation"].movedim(1, -1), positions)[0]
+        perturbation = moved.movedim(-1, 1).cpu()
+    return InfluenceResult(
+        scores=scores.cpu(), query_indices=torch.tensor(list(query_indices), dtype=torch.long),
+        train_indices=train_order.cpu(), factors=factors.detach().cpu(), self_influence=self_values,
+        perturbation=perturbation,
+    )
+
+
+def _empty_stage(stage: str, factors: Tensor, query_data: IndexedData, query_indices: Sequence[int]) -> Tensor:
     """What a stage gives for a process without training examples: no columns, the right trailing shape."""
     if stage == "self_influence":
-        return torch.zeros(0, dtype=model.dtype, device=model.device)
+        return factors.new_zeros(0)
     if stage == "perturbation":
         inputs, _ = query_data.examples(query_indices[:1])
         return factors.new_zeros(factors.shape[0], 0, *inputs.shape[1:])

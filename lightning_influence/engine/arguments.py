@@ -1,0 +1,95 @@
+"""`InfluenceArguments`: every choice that decides the numbers of an influence run, checked once.
+
+One frozen object holds the inversion method and its options, λ, the curvature options, the memory budget
+and the chunking. It is validated when it is built (so a Lightning callback fails at construction, not after
+training), handed unchanged down the engine, and its `to_dict()` is written into the result's metadata and
+compared when a run is resumed or a result reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from lightning_influence.checks import (
+    Curvature,
+    check_curvature,
+    check_regularization,
+    flag,
+    parse_memory,
+    positive_int,
+)
+from lightning_influence.enums import InfluenceType, InversionMethod
+from lightning_influence.solvers import Solver, make_solver
+
+
+@dataclass(frozen=True)
+class InfluenceArguments:
+    """The options of one influence computation.
+
+    Attributes:
+        method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ``ekfac``, ``nystroem``).
+        method_kwargs: the method's options, e.g. ``{"rank": 50}``; stored with every default filled in.
+        hessian_regularization: λ ≥ 0 in (H + λI), or ``"auto"`` (a fraction of the mean eigenvalue of H).
+        curvature: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive semi-definite).
+        block_diagonal: keep only the per-layer blocks of the curvature.
+        influence_type: ``"up"`` ([M, N] scores) or ``"perturbation"`` (also ∇ₓ of them).
+        self_influence: also compute ⟨(H + λI)⁻¹ ∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ for every training example.
+        batch_size: examples per batch in every pass over the data.
+        chunk_batches: batches per stored chunk of scores (the unit of resuming).
+        max_memory: bytes (or a string such as ``"2GB"``) for the per-example values held at once; None: the
+            model's own budget (see `TwiceDifferentiable`).
+    """
+
+    method: InversionMethod | str = "cg"
+    method_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    hessian_regularization: float | str = 0.0
+    curvature: Curvature = "hessian"
+    block_diagonal: bool = False
+    influence_type: InfluenceType | str = "up"
+    self_influence: bool = False
+    batch_size: int = 64
+    chunk_batches: int = 8
+    max_memory: int | str | None = None
+
+    def __post_init__(self) -> None:
+        method = InversionMethod.parse(self.method)
+        if not isinstance(self.method_kwargs, Mapping):
+            raise TypeError(f"method_kwargs must be a dict of the method's options, got {self.method_kwargs!r}.")
+        options = make_solver(method, **self.method_kwargs).options  # every default filled in
+        checked = {
+            "method": method,
+            "method_kwargs": MappingProxyType(options),
+            "hessian_regularization": check_regularization(self.hessian_regularization),
+            "curvature": check_curvature(self.curvature),
+            "block_diagonal": flag("block_diagonal", self.block_diagonal),
+            "influence_type": InfluenceType.parse(self.influence_type),
+            "self_influence": flag("self_influence", self.self_influence),
+            "batch_size": positive_int("batch_size", self.batch_size),
+            "chunk_batches": positive_int("chunk_batches", self.chunk_batches),
+            "max_memory": parse_memory(self.max_memory),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def __reduce__(self) -> tuple[type[InfluenceArguments], tuple[Any, ...]]:
+        """Pickled as its plain values (a read-only mapping does not pickle), rebuilt through the checks."""
+        return type(self), tuple(self.to_dict().values())
+
+    def new_solver(self) -> Solver:
+        """An unfitted solver of the chosen method with these options."""
+        return make_solver(self.method, **self.method_kwargs)
+
+    @property
+    def chunk_size(self) -> int:
+        """Training examples per stored chunk before any memory budget shrinks it."""
+        return self.batch_size * self.chunk_batches
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values of every field, for the metadata and for comparing runs."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["method"], values["influence_type"] = self.method.value, self.influence_type.value
+        values["method_kwargs"] = dict(self.method_kwargs)
+        return values

@@ -1,0 +1,199 @@
+"""`InfluenceEngine`: the stages of an influence computation, on one process or several.
+
+    query gradients ─► curvature fit ─► factors ─► scores (and perturbations) ─► self-influence
+
+Each stage is one method. The engine is the one place that knows how processes take part: which stages are
+collective (the fit, solves whose Hessian products are reduced, self-influence with an iterative method), how
+such solves share their right-hand sides, and how processes go through chunks in lockstep. Scoring a shard is
+local. Storing and resuming are the caller's (`lightning_influence.storage.runs`); the functional API is the
+engine on one process without storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_influence.curvature.operator import CurvatureOperator
+from lightning_influence.engine.arguments import InfluenceArguments
+from lightning_influence.engine.distribution import Distribution
+from lightning_influence.engine.scoring import (
+    gradient_blocks,
+    perturbation_scores,
+    self_influences,
+    stacked_gradients,
+    up_scores,
+)
+from lightning_influence.model.data import IndexedData, loader_length
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+from lightning_influence.solvers import InverseHvpResult, Solver
+
+
+class InfluenceEngine:
+    """The influence of one model's training data, stage by stage.
+
+    Args:
+        model: the functional model and loss.
+        training_data: this process's training batches (the whole training set on one process); the curvature
+            is fitted over them, summed across processes.
+        arguments: the run's options, already validated.
+        distribution: the processes taking part (default: this one alone).
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: TwiceDifferentiable,
+        training_data: Iterable[Any],
+        arguments: InfluenceArguments,
+        *,
+        distribution: Distribution | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(model, TwiceDifferentiable):
+            raise TypeError(
+                f"model must be a TwiceDifferentiable, got {type(model).__name__}; wrap a module as "
+                "TwiceDifferentiable(module, loss_fn)."
+            )
+        self.model = model
+        self.training_data = training_data
+        self.arguments = arguments
+        self.distribution = distribution if distribution is not None else Distribution()
+        self.progress = progress
+        self._solver = arguments.new_solver()
+        self._fitted = False
+
+    # ---------------------------------------------------------------------------------------- stage 1: queries
+    def query_gradients(self, query_data: IndexedData, query_indices: Sequence[int]) -> Tensor:
+        """Per-example gradients [M, p] of the queries at `query_indices`, in that order, on every process.
+
+        Each process computes the share `Distribution.shard` gives it; the shares are gathered.
+        """
+        positions = self.distribution.shard(range(len(query_indices)))
+        if positions:
+            mine = [query_indices[i] for i in positions]
+            rhs = self.gradients(query_data.loader(mine, self.arguments.batch_size), name="query_data")
+        else:
+            rhs = torch.zeros(0, self.model.num_params, dtype=self.model.dtype, device=self.model.device)
+        if not self.distribution.is_distributed:
+            return rhs
+        return self.distribution.gather_rows_by_index(rhs, torch.tensor(positions, dtype=torch.long))[0]
+
+    def gradients(self, data: Iterable[Any], *, name: str) -> Tensor:
+        """All per-example gradients of a (query-sized) loader on this process, [n, p]."""
+        with self.model.evaluating():
+            return stacked_gradients(self.model, data, name=name, progress=self.progress)
+
+    # ---------------------------------------------------------------------------------------- stage 2: curvature
+    def fit(self) -> Solver:
+        """The solver fitted to (H + λI) over the training data; collective, and done once per engine."""
+        if not self._fitted:
+            operator = CurvatureOperator(
+                self.model, self.training_data, reducer=self.distribution.reducer, progress=self.progress,
+                curvature=self.arguments.curvature, block_diagonal=self.arguments.block_diagonal,
+            )
+            with self.model.evaluating():
+                operator.check()
+                self._solver.fit(operator, self.arguments.hessian_regularization)
+            self._fitted = True
+        return self._solver
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    # ---------------------------------------------------------------------------------------- stage 3: factors
+    def factors(self, rhs: Tensor) -> InverseHvpResult:
+        """s = (H + λI)⁻¹ g for every row of `rhs` [M, p], the same block on every process; the result on every
+        process. Solvers whose solves make reduced passes solve the whole block everywhere; the others solve a
+        share of the rows each, then gather."""
+        solver = self.fit()
+        with self.model.evaluating():
+            if not self.distribution.is_distributed or solver.collective_solve:
+                return solver.solve(rhs)
+            positions = self.distribution.shard(range(rhs.shape[0]))
+            local = self._solve_local_rows(rhs[positions])
+        rows, _ = self.distribution.gather_rows_by_index(local.x, torch.tensor(positions, dtype=torch.int64))
+        return InverseHvpResult(rows, local.info)
+
+    def _solve_local_rows(self, rhs: Tensor) -> InverseHvpResult:
+        """(H + λI)⁻¹ for this process's rows [n_local, p] (n_local may be 0 and differ between processes).
+
+        A collective solver solves the rows of all processes together and each keeps its own rows.
+        """
+        solver = self.fit()
+        if not self.distribution.is_distributed or not solver.collective_solve:
+            return solver.solve(rhs) if rhs.shape[0] else InverseHvpResult(rhs.clone(), {})
+        rows, lengths = self.distribution.gather_rows_with_lengths(rhs)
+        if rows.shape[0] == 0:
+            return InverseHvpResult(rhs.clone(), {})
+        result = solver.solve(rows)
+        start = sum(lengths[: self.distribution.rank])
+        return InverseHvpResult(result.x[start : start + rhs.shape[0]], result.info)
+
+    # ---------------------------------------------------------------------------------------- stage 4: scores
+    def scores(self, data: Iterable[Any], factors: Tensor) -> Tensor:
+        """I_up of every example of `data` on every query, [M, n] in loader order ([M, 0] for an empty shard).
+        Local: processes may finish at different times."""
+        if loader_length(data) == 0:
+            return factors.new_zeros(factors.shape[0], 0)
+        return up_scores(self.model, data, factors, progress=self.progress)
+
+    def perturbations(self, data: Iterable[Any], factors: Tensor) -> Tensor:
+        """I_pert = ∇ₓ I_up of every example of a non-empty `data`, [M, n, *x_shape]. Local."""
+        return perturbation_scores(self.model, data, factors, progress=self.progress)
+
+    # ---------------------------------------------------------------------------------------- stage 5: self
+    def self_influences(self, data: Iterable[Any]) -> Tensor:
+        """⟨(H + λI)⁻¹ ∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ of every example of `data` (this process's, possibly none), [n]."""
+        solver = self.fit()
+        if self._solves_together():
+            return self._self_influences_in_rounds(data)
+        if loader_length(data) == 0:
+            return torch.zeros(0, dtype=self.model.dtype, device=self.model.device)
+        return self_influences(self.model, data, lambda block: solver.solve(block).x, progress=self.progress)
+
+    def _self_influences_in_rounds(self, data: Iterable[Any]) -> Tensor:
+        """Self-influence with a collective solver: processes go batch round by batch round, solving the union
+        of their batches together, until every one has run out; a process without a batch joins with none."""
+        empty = torch.zeros(0, self.model.num_params, dtype=self.model.dtype, device=self.model.device)
+        values = [empty.new_zeros(0)]
+        with self.model.evaluating():
+            blocks = iter(()) if loader_length(data) == 0 else gradient_blocks(
+                self.model, data, name="training_data", progress=self.progress)
+            while True:
+                block = next(blocks, None)
+                if not self.distribution.any_process(block is not None):
+                    return torch.cat(values)
+                block = empty if block is None else block
+                values.append((self._solve_local_rows(block).x * block).sum(1))
+
+    # ---------------------------------------------------------------------------------------- lockstep
+    def _solves_together(self) -> bool:
+        """Whether every process must take part in each solve (reduced Hessian products in `solve`)."""
+        return self.distribution.is_distributed and self._solver.collective_solve
+
+    def prepare_self_influence(self, work_left: bool) -> None:
+        """Fit before self-influence if any process still has self-influence work: fitting is collective, so
+        every process must join it even when its own chunks are finished (collective)."""
+        if self.distribution.any_process(work_left):
+            self.fit()
+
+    def chunk_rounds(self, stage: str, todo: Sequence[int], num_positions: int) -> Iterator[int | None]:
+        """The chunk numbers this process computes for `stage`, in order.
+
+        Self-influence with a collective solver goes in lockstep: every process steps through the same
+        `num_positions` chunk positions, yielding None where it has no chunk left (it joins with an empty one),
+        and positions no process needs are skipped. Other stages are local and yield `todo` as it is.
+        """
+        if stage != "self_influence" or not self._solves_together():
+            yield from todo
+            return
+        pending = set(todo)
+        for position in range(num_positions):
+            mine = position in pending
+            if self.distribution.any_process(mine):
+                yield position if mine else None
