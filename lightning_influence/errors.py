@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import warnings
 
+import torch
+
 
 class NonFiniteError(FloatingPointError):
     """A gradient, Hessian product or solver iterate contained NaN or Inf.
@@ -39,9 +41,26 @@ class ResultMismatchError(ValueError):
     """A save dir holds results of another run (other weights, method, λ, data or queries)."""
 
 
+#: Message fragments of allocation failures that torch raises as a plain RuntimeError: the CPU allocator on Linux
+#: ("DefaultCPUAllocator: can't allocate memory") and Windows ("not enough memory"), and other backends (MPS).
+_OUT_OF_MEMORY_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure, which must always propagate: a fall-back that caught it would
+    hide the one fix that works (smaller chunks or batches) and could switch to a slower path for good.
+
+    `torch.cuda.OutOfMemoryError` is `torch.OutOfMemoryError` (every accelerator) in recent torch versions.
+    """
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(fragment in str(error) for fragment in _OUT_OF_MEMORY_MESSAGES)
+
+
 #: Packages whose frames a warning skips, so that it points at the user's own line.
-_INTERNAL_PACKAGES = ("lightning_influence", "pytorch_lightning", "lightning", "lightning_fabric", "torch", "contextlib",
-                      "functools")
+_INTERNAL_PACKAGES = (
+    "lightning_influence", "pytorch_lightning", "lightning", "lightning_fabric", "torch", "contextlib", "functools"
+)
 
 
 def _user_stacklevel() -> int:

@@ -14,13 +14,33 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_influence.checks import parse_memory
-from lightning_influence.errors import NonFiniteError
+from lightning_influence.errors import NonFiniteError, is_out_of_memory
 
 LossFn = Callable[[Any, Tensor], Tensor]
+
+#: (exception type, message fragment) of the errors torch 2.13 raises where forward-mode AD has no formula for an
+#: op, so that the same product by reverse passes alone may still work.
+FORWARD_MODE_GAPS: tuple[tuple[type[Exception], str], ...] = (
+    # An op without a forward derivative: "Trying to use forward AD with huber_loss_backward that does not support
+    # it because it has not been implemented yet" (or "... because it is an out= function").
+    (NotImplementedError, "Trying to use forward AD with"),
+    # A custom autograd.Function without a jvp staticmethod.
+    (NotImplementedError, "to use it with forward mode AD"),
+    # F.mse_loss: the forward derivative of its backward writes into an immutable zero tensor.
+    (RuntimeError, "ZeroTensors are immutable"),
+)
+
+
+def forward_mode_unsupported(error: BaseException) -> bool:
+    """Whether `error` says that forward-mode AD lacks a formula for an op of the model or loss (see
+    `FORWARD_MODE_GAPS`), the one failure a switch to reverse mode can fix; never an out-of-memory error."""
+    if is_out_of_memory(error):
+        return False
+    return any(isinstance(error, kind) and fragment in str(error) for kind, fragment in FORWARD_MODE_GAPS)
 
 
 def select_parameters(module: nn.Module, params: str | Sequence[str] | None) -> list[str]:
@@ -144,6 +164,8 @@ class TwiceDifferentiable:
         try:
             loss = self._batch_loss(self.flat_params(), inputs, targets)
         except (RuntimeError, ValueError, IndexError) as error:
+            if is_out_of_memory(error):
+                raise
             shapes = tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else t, (inputs, targets))
             raise ValueError(
                 f"The model and loss could not be applied to a batch with (inputs, targets) shapes {shapes}: "
@@ -167,6 +189,11 @@ class TwiceDifferentiable:
         return grad(self._batch_loss)(self.flat_params(), inputs, targets)
 
     # -- second derivatives -------------------------------------------------------------------------------
+    @property
+    def reverse_mode_only(self) -> bool:
+        """Whether second-order products run by reverse passes only, since forward mode lacked an op's formula."""
+        return self._reverse_over_reverse
+
     def batch_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """Products of the batch's mean-loss Hessian with k vectors, [k, p] → [k, p].
 
@@ -185,21 +212,36 @@ class TwiceDifferentiable:
 
         return self._map_vectors(forward_over_reverse, reverse_over_reverse, vectors)
 
+    def _second_order(self, forward_mode: Callable[[], Tensor], reverse_mode: Callable[[], Tensor]) -> Tensor:
+        """`forward_mode()`; where forward mode lacks a formula for an op (`forward_mode_unsupported`), this model
+        switches to `reverse_mode()` (the same derivative by reverse passes only) for good. Every other error,
+        out-of-memory above all, propagates and leaves the mode as it was."""
+        if not self._reverse_over_reverse:
+            try:
+                return forward_mode()
+            except RuntimeError as error:
+                if not forward_mode_unsupported(error):
+                    raise
+                self._reverse_over_reverse = True
+        return reverse_mode()
+
     def _map_vectors(
         self, forward_mode: Callable[[Tensor], Tensor], reverse_mode: Callable[[Tensor], Tensor], vectors: Tensor
     ) -> Tensor:
-        """`forward_mode` on each row of `vectors` in one vmap; where forward mode fails on an op, this model
-        switches to `reverse_mode` (the same product by reverse passes only) for good."""
-        if not self._reverse_over_reverse:
-            try:
-                return vmap(forward_mode, chunk_size=self.chunk_size)(vectors)
-            except RuntimeError:
-                self._reverse_over_reverse = True
-        return vmap(reverse_mode, chunk_size=self.chunk_size)(vectors)
+        """`forward_mode` on each row of `vectors` in one vmap, or `reverse_mode` (see `_second_order`)."""
+        return self._second_order(
+            lambda: vmap(forward_mode, chunk_size=self.chunk_size)(vectors),
+            lambda: vmap(reverse_mode, chunk_size=self.chunk_size)(vectors),
+        )
 
     def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only."""
-        return hessian(self._batch_loss)(self.flat_params(), inputs, targets)
+        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only. Forward over reverse, or
+        reverse over reverse where forward mode lacks an op (see `_second_order`)."""
+        flat = self.flat_params()
+        return self._second_order(
+            lambda: hessian(self._batch_loss)(flat, inputs, targets),
+            lambda: jacrev(jacrev(self._batch_loss))(flat, inputs, targets),
+        )
 
     def batch_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """Products of the batch's generalised Gauss–Newton matrix with k vectors, [k, p] → [k, p].
@@ -255,6 +297,8 @@ class TwiceDifferentiable:
         try:
             curvature = self.batch_hvp(inputs, targets, probe)
         except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise
             raise ValueError(
                 f"loss_fn cannot be differentiated twice with torch.func ({error}). Influence needs second "
                 "derivatives: build the loss from differentiable torch operations, and give custom "

@@ -1,0 +1,129 @@
+"""Contracts between the stages: the curvature operator's public interface and bookkeeping, the fitted state of
+solvers, which errors a fall-back may catch, and where warnings point."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import lightning_influence.model.twice_differentiable as twice_differentiable
+from helpers import classification_data, mlp_model
+from lightning_influence import TwiceDifferentiable
+from lightning_influence.errors import is_out_of_memory
+from lightning_influence.model.twice_differentiable import forward_mode_unsupported
+
+
+@pytest.fixture
+def problem():
+    x, y = classification_data(24)
+    model = TwiceDifferentiable(mlp_model(), F.cross_entropy)  # untrained: the Hessian is indefinite
+    return model, x, y
+
+
+# -- out of memory propagates; forward mode falls back only where it lacks a formula ---------------------------
+def test_is_out_of_memory_recognises_accelerator_and_cpu_allocation_failures():
+    with pytest.raises(RuntimeError) as real:
+        torch.empty(2**60, dtype=torch.uint8)  # more than any machine has: the CPU allocator refuses at once
+    assert is_out_of_memory(real.value)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+OUT_OF_MEMORY = [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 9007199254740992 bytes. Error code 12 (Cannot allocate memory)"),
+]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["accelerator", "cpu"])
+@pytest.mark.parametrize("product", ["batch_hvp", "batch_ggn_vp"])
+def test_out_of_memory_in_forward_mode_propagates_and_keeps_forward_mode(problem, monkeypatch, error, product):
+    model, x, y = problem
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(twice_differentiable, "jvp", out_of_memory)
+    with pytest.raises(type(error)) as raised:
+        getattr(model, product)(x, y, torch.ones(2, model.num_params, dtype=torch.float64))
+    assert raised.value is error
+    assert not model.reverse_mode_only
+    with pytest.raises(type(error)) as raised:  # not turned into "cannot be differentiated twice"
+        model.check_second_order(x, y)
+    assert raised.value is error
+
+
+def test_other_errors_in_forward_mode_propagate_and_keep_forward_mode(problem, monkeypatch):
+    model, x, y = problem
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x5 and 6x8)")
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(twice_differentiable, "jvp", broken)
+    with pytest.raises(RuntimeError) as raised:
+        model.batch_hvp(x, y, torch.ones(1, model.num_params, dtype=torch.float64))
+    assert raised.value is error and not model.reverse_mode_only
+
+
+class SquareWithoutJvp(torch.autograd.Function):
+    """x² with a backward but no jvp: forward-mode AD cannot go through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad_output
+
+
+LOSSES_WITHOUT_FORWARD_MODE = {
+    "huber_loss": F.huber_loss,  # huber_loss_backward has no forward derivative
+    "mse_loss": F.mse_loss,  # its forward derivative writes into a zero tensor
+    "function_without_jvp": lambda outputs, targets: SquareWithoutJvp.apply(outputs - targets).mean(),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES_WITHOUT_FORWARD_MODE.values(), ids=LOSSES_WITHOUT_FORWARD_MODE.keys())
+def test_forward_mode_gaps_fall_back_to_reverse_mode_with_the_right_product(loss):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(20, 2, generator=generator, dtype=torch.float64)
+    module = nn.Linear(3, 2).double()  # linear in θ: the Gauss–Newton matrix equals the Hessian
+    model = TwiceDifferentiable(module, loss)
+    vectors = torch.randn(3, model.num_params, generator=generator, dtype=torch.float64)
+    flat = model.flat_params()
+    with pytest.raises(RuntimeError) as forward_error:
+        torch.func.jvp(lambda t: torch.func.grad(model._batch_loss)(t, x, y), (flat,), (vectors[0],))
+    assert forward_mode_unsupported(forward_error.value)
+
+    def mean_loss(theta):
+        return loss(functional_call(module, model.unflatten(theta), (x,)), y)
+
+    expected = vectors @ jacrev(jacrev(mean_loss))(flat)  # reverse over reverse, by definition
+    torch.testing.assert_close(model.batch_hvp(x, y, vectors), expected, rtol=1e-10, atol=1e-12)
+    assert model.reverse_mode_only
+    fresh = TwiceDifferentiable(module, loss)
+    torch.testing.assert_close(fresh.batch_ggn_vp(x, y, vectors), expected, rtol=1e-10, atol=1e-12)
+    assert fresh.reverse_mode_only
+    explicit = TwiceDifferentiable(module, loss).batch_hessian(x, y)
+    torch.testing.assert_close(vectors @ explicit, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_unsupported_never_matches_out_of_memory():
+    gap = NotImplementedError("Trying to use forward AD with huber_loss_backward that does not support it")
+    assert forward_mode_unsupported(gap)
+    assert not forward_mode_unsupported(torch.OutOfMemoryError("Trying to use forward AD with: out of memory"))
+    assert not forward_mode_unsupported(RuntimeError("some other failure"))
