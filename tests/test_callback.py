@@ -349,3 +349,54 @@ def test_configured_from_a_lightning_cli_yaml(tmp_path):
     assert metadata["method_kwargs"]["rank"] == 3 and metadata["method_kwargs"]["refine"] == 2
     assert metadata["convergence"]["refine_iterations"] == 2
     assert (metadata["curvature"], metadata["block_diagonal"], metadata["max_memory"]) == ("ggn", True, 10**6)
+
+
+def test_lightning_cli_saved_config_reruns_as_it_is(tmp_path):
+    """LightningCLI's own saved config.yaml re-runs to the same callback settings and saves the same config again:
+    loss_fn by name (not 'Unable to serialize instance ...'), hessian_regularization: auto, sizes, globs, options."""
+    import inspect
+
+    import yaml
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  accelerator: cpu\n  max_epochs: 1\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        f"  enable_model_summary: false\n  num_sanity_val_steps: 0\n  default_root_dir: {tmp_path}\n"
+        f"  logger:\n    class_path: pytorch_lightning.loggers.CSVLogger\n    init_args: {{save_dir: {tmp_path}}}\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_influence.InfluenceCallback\n"
+        "      init_args:\n"
+        "        loss_fn: cross_entropy\n        hessian_regularization: auto\n        max_memory: 2GB\n"
+        "        params: ['net.*']\n        method: arnoldi\n        method_kwargs: {rank: 3}\n"
+        "        on_error: warn\n        num_queries: 2\n        top_k: 2\n"
+    )
+    data = loaders(*blobs(32), *blobs(6, seed=1))
+
+    def run(path: Path) -> tuple[dict, Path]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli = LightningCLI(Classifier, run=False, args=["--config", str(path)])
+            (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCallback)]
+            cli.trainer.fit(cli.model, *data)
+        assert callback.result is not None and callback.result.scores.shape == (2, 32)  # computed, not warned away
+        settings = {k: v for k, v in vars(callback).items() if k != "result" and not k.startswith("_")
+                    and not inspect.ismethod(v)}
+        return settings, Path(cli.trainer.log_dir) / "config.yaml"
+
+    first, saved = run(config)  # SaveConfigCallback writes <log_dir>/config.yaml
+    text = saved.read_text()
+    assert "Unable to serialize" not in text
+    assert "loss_fn: cross_entropy" in text and "hessian_regularization: auto" in text and "max_memory: 2GB" in text
+    assert first["loss_fn"] is F.cross_entropy
+    second, saved_again = run(saved)  # re-run the saved file as it is
+    assert saved_again != saved and second == first
+    assert yaml.safe_load(saved_again.read_text()) == yaml.safe_load(text)
+
+
+def test_loss_classes_are_instantiated_and_unsaveable_losses_named():
+    assert isinstance(InfluenceCallback(loss_fn="torch.nn.CrossEntropyLoss").loss_fn, torch.nn.CrossEntropyLoss)
+    with pytest.raises(ValueError, match="cannot be imported by name .*a lambda"):
+        InfluenceCallback(loss_fn="Unable to serialize instance <function <lambda> at 0x7f>")
+

@@ -1,14 +1,17 @@
 """Contracts between the stages: the curvature operator's public interface and bookkeeping, the fitted state of
 solvers, which errors a fall-back may catch, and where warnings point."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
 
+import lightning_influence
 import lightning_influence.model.twice_differentiable as twice_differentiable
-from helpers import classification_data, mlp_model
+from helpers import classification_data, loader, mlp_model
 from lightning_influence import TwiceDifferentiable
 from lightning_influence.errors import is_out_of_memory
 from lightning_influence.model.twice_differentiable import forward_mode_unsupported
@@ -127,3 +130,33 @@ def test_forward_mode_unsupported_never_matches_out_of_memory():
     assert forward_mode_unsupported(gap)
     assert not forward_mode_unsupported(torch.OutOfMemoryError("Trying to use forward AD with: out of memory"))
     assert not forward_mode_unsupported(RuntimeError("some other failure"))
+
+
+# -- warnings point at the caller's line ----------------------------------------------------------------------
+def library_warnings(action):
+    """The RuntimeWarnings (the library's category) that `action()` raises; torch's own UserWarnings (such as
+    performance notes under `python -O`) are left out."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_warnings_from_fit_point_at_the_callers_line(problem):
+    model, x, y = problem
+    caught = library_warnings(
+        lambda: lightning_influence.fit_solver(model, loader(x, y), "direct", hessian_regularization=0.0)
+    )
+    messages = [str(w.message) for w in caught]
+    assert any("not positive definite" in m for m in messages), messages
+    assert any("eigendecomposition pseudo-inverse" in m for m in messages), messages
+    assert {w.filename for w in caught} == {__file__}
+
+
+@pytest.mark.parametrize("method, options", [("cg", {"maxiter": 2}), ("lissa", {"maxiter": 3, "check_every": 1})])
+def test_warnings_from_solve_point_at_the_callers_line(problem, method, options):
+    model, x, y = problem
+    solver = lightning_influence.fit_solver(model, loader(x, y), method, hessian_regularization=0.0, **options)
+    caught = library_warnings(lambda: solver.solve(torch.ones(2, model.num_params, dtype=torch.float64)))
+    assert any(f"{method} did not reach" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert {w.filename for w in caught} == {__file__}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing_extensions import override
 from lightning_influence.checks import Curvature, flag, positive_int
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
+from lightning_influence.enums import InversionMethod
 from lightning_influence.errors import ResultMismatchError
 from lightning_influence.lightning.save_dir import default_save_dir, fresh_sibling
 from lightning_influence.lightning.strategy import distribution_for, refuse_unsupported_strategy
@@ -36,12 +38,19 @@ from lightning_influence.storage.runs import compute_influence
 OnError = Literal["raise", "warn"]
 
 
-def _resolve_callable(value: Callable[..., Any] | str | None, what: str) -> Callable[..., Any] | None:
-    """A callable, or one named by a string (a `torch.nn.functional` name or a dotted import path)."""
+def _resolve_callable(value: str | Callable[..., Any] | None, what: str) -> Callable[..., Any] | None:
+    """A callable, or one named by a string (a `torch.nn.functional` name or a dotted import path; a class
+    such as ``torch.nn.CrossEntropyLoss`` is instantiated without arguments)."""
     if value is None or callable(value):
         return value
     if not isinstance(value, str):
         raise TypeError(f"{what} must be callable or the name of one, got {value!r}.")
+    if value.startswith("Unable to serialize instance"):  # what LightningCLI saves for a lambda or local function
+        raise ValueError(
+            f"{what}={value!r}: the config was saved from a function that cannot be imported by name (a lambda, a "
+            "local function or a partial). Define it at module level and pass its dotted path, e.g. "
+            "my_package.losses.my_loss, or a torch.nn.functional name such as cross_entropy."
+        )
     if "." not in value:
         found = getattr(torch.nn.functional, value, None)
         if callable(found):
@@ -52,6 +61,8 @@ def _resolve_callable(value: Callable[..., Any] | str | None, what: str) -> Call
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"{what}={value!r} cannot be imported: {error}.") from error
+    if inspect.isclass(found):
+        found = found()
     if not callable(found):
         raise TypeError(f"{what}={value!r} names {type(found).__name__}, which is not callable.")
     return found
@@ -107,16 +118,18 @@ class InfluenceCallback(pl.Callback):
     (`InfluenceArguments`), which is saved with the result.
     """
 
+    # `str` comes first in the unions below: LightningCLI (jsonargparse) tries union members in order, and a name
+    # such as "cross_entropy" must stay a string in the saved config.yaml so that the file re-runs as it is.
     def __init__(
         self,
         *,
-        loss_fn: Callable[..., Any] | str | None = None,
+        loss_fn: str | Callable[..., Any] | None = None,
         query_data: Dataset | DataLoader | None = None,
         num_queries: int | None = 8,
         query_indices: Sequence[int] | None = None,
         training_data: Dataset | DataLoader | None = None,
-        batch_transform: BatchTransform | str | None = None,
-        method: str = "cg",
+        batch_transform: str | BatchTransform | None = None,
+        method: str | InversionMethod = "cg",
         method_kwargs: dict[str, Any] | None = None,
         hessian_regularization: float | Literal["auto"] = 0.01,
         curvature: Curvature = "hessian",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import time
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, NamedTuple
 
@@ -13,6 +12,7 @@ from torch import Tensor
 
 from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.enums import InversionMethod
+from lightning_influence.errors import warn_user
 from lightning_influence.model.twice_differentiable import check_finite
 from .krylov import block_conjugate_gradient
 
@@ -180,12 +180,11 @@ def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dty
     damped_min = smallest + regularization
     if damped_min <= 0:
         info["suggested_regularization"] = -smallest + 1e-3 * largest
-        warnings.warn(
+        warn_user(
             f"H + λI is not positive definite (smallest eigenvalue {smallest:.3e} with λ = {regularization:g}): "
             "influence of an indefinite Hessian is unreliable. A hessian_regularization of about "
             f"{info['suggested_regularization']:.3g} makes it positive definite.",
             RuntimeWarning,
-            stacklevel=4,
         )
     elif complete:
         condition = (largest + regularization) / damped_min
@@ -193,21 +192,19 @@ def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dty
         limit = 1e-2 / torch.finfo(dtype).eps
         if condition > limit:
             info["suggested_regularization"] = 100 * largest / limit
-            warnings.warn(
+            warn_user(
                 f"H + λI is ill-conditioned for {dtype} (condition number {condition:.2e}, smallest eigenvalue "
                 f"{smallest:.3e} with λ = {regularization:g}): scores may be dominated by rounding. A "
                 f"hessian_regularization of about {info['suggested_regularization']:.3g} brings the condition "
                 f"number near {limit / 100:.0e}.",
                 RuntimeWarning,
-                stacklevel=4,
             )
     if largest > 0 and regularization > largest:
-        warnings.warn(
+        warn_user(
             f"hessian_regularization λ = {regularization:g} exceeds the largest eigenvalue of H ({largest:.3e}): "
             "the damping swamps the curvature and influence reduces to gradient similarity. Use a λ well below "
             "the largest eigenvalue (e.g. 'auto').",
             RuntimeWarning,
-            stacklevel=4,
         )
     return info
 

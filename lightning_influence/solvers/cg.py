@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_influence.errors import warn_user
 from .base import Solver
 from lightning_influence.checks import non_negative_float, positive_int
 from .krylov import block_conjugate_gradient, conjugate_gradient
@@ -90,12 +90,11 @@ class ConjugateGradientSolver(Solver, method="cg"):
             self.apply_damped, rhs, self._precondition, rtol=self.rtol, atol=self.atol, maxiter=self.maxiter
         )
         if not info["converged"]:
-            warnings.warn(
+            warn_user(
                 f"cg did not reach its tolerance on {info['unconverged']} of {rhs.shape[0]} right-hand sides in "
                 f"{self.maxiter} iterations (largest relative residual {info['max_relative_residual']:.2e}); raise "
                 "maxiter, use preconditioner='jacobi', or increase hessian_regularization.",
                 RuntimeWarning,
-                stacklevel=4,
             )
         return solution, info
 

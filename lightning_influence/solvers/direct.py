@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_influence.errors import warn_user
 from .base import Solver, spectrum_report, work_dtype
 
 
@@ -46,11 +46,10 @@ class DirectSolver(Solver, method="direct"):
             self._factors.append(factor if int(status) == 0 else torch.linalg.eigh(damped))
         if all(isinstance(factor, Tensor) for factor in self._factors):
             return {"factorization": "cholesky", **report}
-        warnings.warn(
+        warn_user(
             "direct: Cholesky failed, so H + λI is solved with an eigendecomposition pseudo-inverse "
             f"(eigenvalues below {self.eigen_rtol:g} × the largest in magnitude are left out).",
             RuntimeWarning,
-            stacklevel=3,
         )
         return {"factorization": "eigh", **report}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_influence.errors import warn_user
 
 
 def conjugate_gradient(
@@ -120,11 +121,10 @@ def _orthonormal_rows(vectors: Tensor) -> Tensor:
 
 
 def _warn_non_positive_curvature(loop: str) -> None:
-    warnings.warn(
+    warn_user(
         f"{loop} met a direction of non-positive curvature: H + λI is not positive definite, so cg may not "
         "converge. Increase hessian_regularization.",
         RuntimeWarning,
-        stacklevel=6,
     )
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_influence.errors import warn_user
 from lightning_influence.model.data import loader_length
 from .base import Solver
 from lightning_influence.checks import non_negative_float, positive_int
@@ -130,11 +130,10 @@ class LissaSolver(Solver, method="lissa"):
                     break
         converged = relative_change < self.rtol
         if not converged:
-            warnings.warn(
+            warn_user(
                 f"lissa did not reach rtol={self.rtol:g} in {self.maxiter} iterations (largest relative change "
                 f"{relative_change:.2e} over the last {self.check_every}); raise maxiter or dampen, or check scale.",
                 RuntimeWarning,
-                stacklevel=5,
             )
         return current, {"iterations": iterations, "converged": converged, "max_relative_change": relative_change,
                          **facts}
