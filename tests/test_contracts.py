@@ -1,6 +1,8 @@
 """Contracts between the stages: the curvature operator's public interface and bookkeeping, the fitted state of
 solvers, which errors a fall-back may catch, and where warnings point."""
 
+import ast
+import pathlib
 import warnings
 
 import pytest
@@ -12,9 +14,13 @@ from torch.func import functional_call, jacrev
 import lightning_influence
 import lightning_influence.model.twice_differentiable as twice_differentiable
 from helpers import classification_data, loader, mlp_model
-from lightning_influence import TwiceDifferentiable
-from lightning_influence.errors import is_out_of_memory
+from lightning_influence import CurvatureOperator, TwiceDifferentiable
+from lightning_influence.errors import NotFittedError, is_out_of_memory
 from lightning_influence.model.twice_differentiable import forward_mode_unsupported
+from lightning_influence.solvers import Solver, make_solver
+from lightning_influence.solvers.base import ApproximateSolver
+
+PACKAGE = pathlib.Path(lightning_influence.__file__).parent
 
 
 @pytest.fixture
@@ -22,6 +28,90 @@ def problem():
     x, y = classification_data(24)
     model = TwiceDifferentiable(mlp_model(), F.cross_entropy)  # untrained: the Hessian is indefinite
     return model, x, y
+
+
+# -- the operator's public interface -------------------------------------------------------------------------
+def test_operator_keeps_its_own_bookkeeping(problem):
+    model, x, y = problem
+    operator = CurvatureOperator(model, loader(x, y, batch_size=10))
+    assert (operator.passes, operator.num_examples) == (0, None)
+    with model.evaluating():
+        operator.matmat(torch.randn(2, model.num_params, dtype=torch.float64))
+    assert (operator.passes, operator.num_examples) == (1, 24)
+    operator.count_pass(2)
+    assert operator.passes == 3
+    for name in ("passes", "num_examples", "model"):
+        with pytest.raises(AttributeError):
+            setattr(operator, name, 0)
+
+
+def test_reduce_mean_divides_by_the_global_count_and_counts_one_pass(problem):
+    model, x, y = problem
+    operator = CurvatureOperator(model, loader(x, y))
+    total = torch.tensor([6.0, 9.0], dtype=torch.float64)
+    torch.testing.assert_close(operator.reduce_mean(total, 3, "a test sum"), total / 3)
+    assert (operator.passes, operator.num_examples) == (1, 3)
+    with pytest.raises(ValueError, match="no examples on any process"):
+        operator.count_examples(0)
+
+
+def test_single_batch_and_endless_batches(problem):
+    model, x, y = problem
+    assert CurvatureOperator(model, loader(x, y, batch_size=24)).single_batch()
+    several = CurvatureOperator(model, loader(x, y, batch_size=10))
+    assert not several.single_batch()
+    batches = several.cycle_batches()
+    sizes = [len(next(batches)[0]) for _ in range(4)]
+    assert sizes == [10, 10, 4, 10]  # restarts after the last batch
+
+
+# -- fitted state ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", sorted(Solver.registry, key=lambda m: m.value), ids=lambda m: m.value)
+def test_every_solver_refuses_to_solve_before_fit(method):
+    solver = make_solver(method)
+    name = type(solver).__name__
+    assert not solver.is_fitted
+    with pytest.raises(NotFittedError, match=rf"^{name}\.solve needs fit\(operator, regularization\) first$"):
+        solver.solve(torch.ones(3))
+    with pytest.raises(NotFittedError, match=rf"^{name}\.operator needs fit"):
+        solver.operator  # noqa: B018
+    with pytest.raises(NotFittedError, match=rf"^{name}\.apply_damped needs fit"):
+        solver.apply_damped(torch.ones(1, 3))
+
+
+APPROXIMATE_CALLS = [
+    (cls.method.value, "_approximate", (torch.ones(1, 3),))
+    for cls in Solver.registry.values()
+    if issubclass(cls, ApproximateSolver)
+] + [("nystroem", "preconditioner", ()), ("ekfac", "curvature_matrix", ())]
+
+
+@pytest.mark.parametrize("method, call, args", APPROXIMATE_CALLS, ids=lambda value: str(value))
+def test_approximate_solvers_refuse_their_extra_methods_before_fit(method, call, args):
+    solver = make_solver(method)
+    with pytest.raises(NotFittedError, match=rf"^{type(solver).__name__}\.{call} needs fit"):
+        getattr(solver, call)(*args)
+
+
+def test_a_failed_fit_leaves_the_solver_unfitted(problem):
+    _, x, y = problem
+    outside = TwiceDifferentiable(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double(),
+                                  F.cross_entropy)
+    solver = make_solver("ekfac")
+    with pytest.raises(ValueError, match="Only nn.Linear and nn.Conv2d"):
+        solver.fit(CurvatureOperator(outside, loader(x, y)))
+    assert not solver.is_fitted
+    with pytest.raises(NotFittedError):
+        solver.solve(torch.ones(outside.num_params, dtype=torch.float64))
+
+
+def test_no_assert_statements_in_the_solvers_curvature_and_model():
+    """`python -O` strips asserts: the library must not rely on them for checks."""
+    files = [*sorted((PACKAGE / "solvers").glob("*.py")), *sorted((PACKAGE / "curvature").glob("*.py")),
+             PACKAGE / "model" / "twice_differentiable.py", PACKAGE / "model" / "layers.py", PACKAGE / "errors.py"]
+    asserts = [f"{path.name}:{node.lineno}" for path in files
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
+    assert asserts == []
 
 
 # -- out of memory propagates; forward mode falls back only where it lacks a formula ---------------------------

@@ -13,14 +13,14 @@ method factorises p_b × p_b blocks instead of p × p.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_influence.model.data import batch_size, iterate_batches
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
+from lightning_influence.model.data import batch_size, iterate_batches, loader_length
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
@@ -53,6 +53,11 @@ def parameter_blocks(model: TwiceDifferentiable) -> list[tuple[str, slice]]:
 class CurvatureOperator:
     """Products with the curvature H of `model` over `training_data` (without damping λ).
 
+    The operator keeps its own bookkeeping: `num_examples` (the global N of the last reduction) and `passes` (over
+    the training data so far). Solvers use its public methods only: products (`matmat`, `batch_matmat`, `dense`,
+    …), and for a solver that makes its own passes, `batches`, `sum_over_processes`, `count_examples`,
+    `reduce_mean` and `count_pass`.
+
     Args:
         model: the functional model and loss.
         training_data: iterable of (inputs, targets) batches; iterated once per product.
@@ -73,15 +78,30 @@ class CurvatureOperator:
         block_diagonal: bool = False,
     ) -> None:
         check_curvature(curvature, block_diagonal)
-        self.model = model
-        self.training_data = training_data
-        self.reducer: Reducer = reducer if reducer is not None else LocalReducer()
+        self._model = model
+        self._training_data = training_data
+        self._reducer: Reducer = reducer if reducer is not None else LocalReducer()
         self.progress = progress
         self.curvature = curvature
         self.block_diagonal = block_diagonal
         self.blocks = parameter_blocks(model) if block_diagonal else [("", slice(0, model.num_params))]
-        self.num_examples: int | None = None
-        self.passes = 0
+        self._num_examples: int | None = None
+        self._passes = 0
+
+    @property
+    def model(self) -> TwiceDifferentiable:
+        """The functional model and loss whose curvature this is."""
+        return self._model
+
+    @property
+    def num_examples(self) -> int | None:
+        """N, the number of training examples on all processes together (None before the first pass)."""
+        return self._num_examples
+
+    @property
+    def passes(self) -> int:
+        """Passes over the training data so far, by this operator's products and by solvers (`count_pass`)."""
+        return self._passes
 
     @property
     def num_params(self) -> int:
@@ -98,13 +118,14 @@ class CurvatureOperator:
     @property
     def distributed(self) -> bool:
         """Whether sums are combined with other processes (whose shards may hold what this one lacks)."""
-        return not isinstance(self.reducer, LocalReducer)
+        return not isinstance(self._reducer, LocalReducer)
 
+    # -- the training data --------------------------------------------------------------------------------
     def batches(self, desc: str) -> Iterable[tuple[int, Any, Tensor]]:
         """This process's training batches on the model's device (possibly none when distributed: the global
         count is checked after reduction)."""
         return iterate_batches(
-            self.training_data,
+            self._training_data,
             self.device,
             self.dtype,
             name="training_data",
@@ -120,17 +141,58 @@ class CurvatureOperator:
             self.model.check_second_order(inputs, targets)
             return
 
-    def _reduce_mean(self, total: Tensor, count: int, stage: str) -> Tensor:
-        """Divide a reduced sum over examples by the global number of examples N."""
-        count_tensor = self.reducer.sum(torch.tensor(float(count), dtype=torch.float64, device=self.device))
-        total = self.reducer.sum(total)
-        n = int(round(count_tensor.item()))
+    def single_batch(self) -> bool:
+        """Whether one batch is the whole training set: this process's loader yields one batch, or across
+        processes each yields at most one. Collective: every process must call it, and all get the same answer."""
+        length = loader_length(self._training_data)
+        several = length is None or length > 1 or (length == 0 and not self.distributed)
+        return float(self.sum_over_processes(self._scalar(several))) == 0
+
+    def cycle_batches(self, desc: str = "lissa batches") -> Iterator[tuple[Any, Tensor | None]]:
+        """Endless (inputs, targets) batches of this process's training data, restarting each epoch.
+
+        A process whose shard holds no batches yields (None, None): it still takes part in every reduced product
+        (see `batch_matmat`).
+        """
+        while True:
+            empty = True
+            for _, inputs, targets in self.batches(desc):
+                empty = False
+                yield inputs, targets
+            if empty:
+                yield None, None
+
+    # -- reductions over the training data ----------------------------------------------------------------
+    def sum_over_processes(self, tensor: Tensor) -> Tensor:
+        """The sum of every process's `tensor` (this process's share of a sum over training examples)."""
+        return self._reducer.sum(tensor)
+
+    def count_examples(self, count: int) -> int:
+        """N from this process's `count` of examples, summed over processes and recorded as `num_examples`;
+        ValueError when no process holds any."""
+        n = int(round(self.sum_over_processes(self._scalar(count)).item()))
         if n == 0:
             raise ValueError("training_data holds no examples on any process.")
-        self.num_examples = n
-        self.passes += 1
+        self._num_examples = n
+        return n
+
+    def count_pass(self, passes: int = 1) -> None:
+        """Record `passes` passes over the training data made by a solver through `batches`."""
+        self._passes += passes
+
+    def reduce_mean(self, total: Tensor, count: int, stage: str) -> Tensor:
+        """The mean over all N examples of a sum `total` over this process's `count` examples, checked finite
+        (`stage` names it in the error); one pass over the data is counted."""
+        n = self.count_examples(count)
+        total = self.sum_over_processes(total)
+        self.count_pass()
         return check_finite(total / n, stage)
 
+    def _scalar(self, value: float) -> Tensor:
+        """A float64 scalar on the model's device, for reducing counts and flags across processes."""
+        return torch.tensor(float(value), dtype=torch.float64, device=self.device)
+
+    # -- products -----------------------------------------------------------------------------------------
     def _batch_product(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """One batch's curvature times k vectors; in block-diagonal mode each block's slice of every vector is
         multiplied on its own (k · blocks products in one vectorised call) and only that block's rows kept."""
@@ -152,7 +214,7 @@ class CurvatureOperator:
             product = self._batch_product(inputs, targets, vectors)
             total += size * check_finite(product, "Hessian-vector products", index)
             count += size
-        return self._reduce_mean(total, count, "Hessian-vector products")
+        return self.reduce_mean(total, count, "Hessian-vector products")
 
     def matvec(self, vector: Tensor) -> Tensor:
         """H v for one vector of length p."""
@@ -171,8 +233,8 @@ class CurvatureOperator:
             size = batch_size(inputs)
         if not self.distributed:
             return product
-        count = self.reducer.sum(torch.tensor(float(size), dtype=torch.float64, device=self.device))
-        return self.reducer.sum(size * product) / count.clamp_min(1).item()
+        count = self.sum_over_processes(self._scalar(size))
+        return self.sum_over_processes(size * product) / count.clamp_min(1).item()
 
     def dense(self) -> Tensor:
         """The explicit curvature H, [p, p], summed batch by batch (zero off the diagonal blocks in
@@ -190,7 +252,7 @@ class CurvatureOperator:
             for _, block in self.blocks:
                 kept[block, block] = True
             total = total * kept
-        return self._reduce_mean(total, count, "explicit Hessian")
+        return self.reduce_mean(total, count, "explicit Hessian")
 
     def diagonal(self, num_probes: int = 32, seed: int = 0) -> Tensor:
         """diag(H): exact (identity probes) when p ≤ num_probes, else Hutchinson's E[v ⊙ Hv] with ±1 probes."""

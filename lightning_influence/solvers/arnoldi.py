@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from .base import ApproximateSolver, spectrum_report, work_dtype
 from lightning_influence.checks import positive_int
+from lightning_influence.curvature.operator import CurvatureOperator
+from .base import ApproximateSolver, fit_required, spectrum_report, work_dtype
 from .nystroem import complement_curvature
 
 ARNOLDI_COMPLEMENTS = ("none", "damping", "trace")
@@ -55,12 +56,11 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         self._eigenvalues: Tensor | None = None
         self._eigenvectors: Tensor | None = None
 
-    def _fit(self) -> dict[str, Any]:
-        operator = self._fitted()
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
         p = operator.num_params
         rank = min(self.rank, p)
         dimension = min(p, self.krylov_dimension or 2 * rank + 10)
-        basis, tridiagonal = self._lanczos(dimension)
+        basis, tridiagonal = self._lanczos(operator, dimension)
         ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
         order = ritz_values.abs().argsort(descending=True)[:rank]
         self._eigenvalues = ritz_values[order]
@@ -74,9 +74,8 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         extra = {} if self._complement is None else {"complement_eigenvalue": self._complement}
         return {"rank": rank, "krylov_dimension": dimension, **report, **extra}
 
-    def _lanczos(self, dimension: int) -> tuple[Tensor, Tensor]:
+    def _lanczos(self, operator: CurvatureOperator, dimension: int) -> tuple[Tensor, Tensor]:
         """Orthonormal Krylov basis Q [k, p] (rows) and T = Q H Qᵀ [k, k] in the work dtype."""
-        operator = self._fitted()
         dtype = work_dtype(operator.device)
         p = operator.num_params
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -107,12 +106,12 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
             vector = product / norm
         return basis, (tridiagonal + tridiagonal.T) / 2
 
+    @fit_required
     def _approximate(self, rhs: Tensor) -> Tensor:
-        assert self._eigenvectors is not None and self._eigenvalues is not None
-        vectors = self._eigenvectors
+        vectors, eigenvalues = cast(Tensor, self._eigenvectors), cast(Tensor, self._eigenvalues)  # set by `_fit`
         block = rhs.to(vectors.dtype)
         projections = block @ vectors
-        solution = (projections / (self._eigenvalues + self.regularization)) @ vectors.T
+        solution = (projections / (eigenvalues + self.regularization)) @ vectors.T
         if self._complement is not None:
             damped = self._complement + self.regularization
             if damped <= 0:

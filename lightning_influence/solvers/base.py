@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.enums import InversionMethod
-from lightning_influence.errors import warn_user
+from lightning_influence.errors import NotFittedError, warn_user
 from lightning_influence.model.twice_differentiable import check_finite
 from .krylov import block_conjugate_gradient
+
+SolverT = TypeVar("SolverT", bound="Solver")
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def fit_required(
+    method: Callable[Concatenate[SolverT, Params], Result],
+) -> Callable[Concatenate[SolverT, Params], Result]:
+    """Make `method` (or a property's getter) of a solver raise NotFittedError, naming the call to make first, until
+    `fit` has completed; the one check of fitted state for every solver."""
+
+    @functools.wraps(method)
+    def checked(self: SolverT, /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        if not self.is_fitted:
+            raise NotFittedError(f"{type(self).__name__}.{method.__name__} needs fit(operator, regularization) first")
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 class InverseHvpResult(NamedTuple):
@@ -28,7 +49,9 @@ class Solver(ABC):
     """Computes (H + λI)⁻¹ B for the curvature H of a `CurvatureOperator`.
 
     Subclasses register themselves for an `InversionMethod` with ``class X(Solver, method="name")``, take
-    their options as keyword arguments of `__init__` (validated there), and implement `_fit` and `_solve`.
+    their options as keyword arguments of `__init__` (validated there), and implement `_fit` and `_solve`. Every
+    method that needs fitted state is marked `@fit_required`; `_fit` gets the operator as its argument, and the
+    other methods reach it as `self.operator`.
     """
 
     registry: ClassVar[dict[InversionMethod, type[Solver]]] = {}
@@ -47,9 +70,20 @@ class Solver(ABC):
             Solver.registry[cls.method] = cls
 
     def __init__(self) -> None:
-        self.operator: CurvatureOperator | None = None
+        self._operator: CurvatureOperator | None = None  # set once `fit` has completed
         self.regularization = 0.0
         self.fit_info: dict[str, Any] = {}
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether `fit` has completed (a failed `fit` leaves the solver unfitted)."""
+        return self._operator is not None
+
+    @property
+    @fit_required
+    def operator(self) -> CurvatureOperator:
+        """The curvature operator of the last `fit`."""
+        return cast(CurvatureOperator, self._operator)  # set by `fit`
 
     @property
     def options(self) -> dict[str, Any]:
@@ -61,9 +95,10 @@ class Solver(ABC):
         """Prepare to solve with (H + λI) for the operator's H and λ = `regularization` ≥ 0.
 
         `regularization="auto"` takes λ = AUTO_DAMPING_FRACTION · trace(H)/p (a fraction of the mean
-        eigenvalue; trace by Hutchinson's estimator for large p) and records the choice in the info.
+        eigenvalue; trace by Hutchinson's estimator for large p) and records the choice in the info. λ is taken
+        as given: it is validated once, where it enters (`InfluenceArguments`).
         """
-        self.operator = operator
+        self._operator = None
         start = time.perf_counter()
         damping_info: dict[str, Any] = {"regularization_source": "given"}
         if regularization == "auto":
@@ -74,14 +109,16 @@ class Solver(ABC):
                 "mean_eigenvalue_estimate": mean_eigenvalue,
             }
         self.regularization = float(regularization)
-        self.fit_info = {**damping_info, **(self._fit() or {})}
+        self.fit_info = {**damping_info, **(self._fit(operator) or {})}
         self.fit_info["fit_seconds"] = time.perf_counter() - start
         self.fit_info["hessian_passes"] = operator.passes
+        self._operator = operator
         return self
 
+    @fit_required
     def solve(self, rhs: Tensor) -> InverseHvpResult:
         """x = (H + λI)⁻¹ b for each row b of `rhs` ([M, p] or [p]), all rows in one batched computation."""
-        operator = self._fitted()
+        operator = self.operator
         single = rhs.ndim == 1
         block = rhs.unsqueeze(0) if single else rhs
         if block.ndim != 2 or block.shape[1] != operator.num_params:
@@ -105,19 +142,16 @@ class Solver(ABC):
         }
         return InverseHvpResult(solution.squeeze(0) if single else solution, info)
 
-    def _fitted(self) -> CurvatureOperator:
-        if self.operator is None:
-            raise RuntimeError(f"{type(self).__name__}.fit(operator, regularization) must be called before solve.")
-        return self.operator
-
+    @fit_required
     def apply_damped(self, vectors: Tensor) -> Tensor:
         """(H + λI) V for a block of vectors."""
-        product = self._fitted().matmat(vectors)
+        product = self.operator.matmat(vectors)
         return product + self.regularization * vectors if self.regularization else product
 
     @abstractmethod
-    def _fit(self) -> dict[str, Any] | None:
-        """Build what solving needs; return facts for the metadata."""
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any] | None:
+        """Build what solving needs from `operator` (with λ = `self.regularization`); return facts for the
+        metadata."""
 
     @abstractmethod
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
@@ -131,7 +165,8 @@ class ApproximateSolver(Solver):
     x₀ = M⁻¹b and preconditioned by M⁻¹. The approximation handles the directions it models; each step, one
     pass over the training data for all right-hand sides together, recovers part of what it misses (for a
     low-rank inverse, the many low-curvature directions that dominate influence), and every right-hand side
-    searches the directions of all of them. The residual of x₀ costs one more pass. `refine=0` (default) returns M⁻¹b and solves without touching the data.
+    searches the directions of all of them. The residual of x₀ costs one more pass. `refine=0` (default) returns
+    M⁻¹b and solves without touching the data.
     """
 
     def __init__(self, refine: int = 0) -> None:
@@ -163,8 +198,6 @@ class ApproximateSolver(Solver):
 
 #: λ = AUTO_DAMPING_FRACTION × (mean eigenvalue of H) when hessian_regularization="auto".
 AUTO_DAMPING_FRACTION = 0.1
-
-
 
 
 def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dtype, *, complete: bool) -> dict:
@@ -207,10 +240,6 @@ def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dty
             RuntimeWarning,
         )
     return info
-
-
-
-
 
 
 def make_solver(method: str | InversionMethod, **options: Any) -> Solver:

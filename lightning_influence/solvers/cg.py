@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_influence.checks import non_negative_float, positive_int
+from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.errors import warn_user
 from .base import Solver
-from lightning_influence.checks import non_negative_float, positive_int
 from .krylov import block_conjugate_gradient, conjugate_gradient
 
 PRECONDITIONERS = (None, "jacobi", "nystroem")
@@ -22,8 +23,9 @@ class ConjugateGradientSolver(Solver, method="cg"):
     of them, so the iterations needed drop sharply when there are many queries (on benchmark problem (a), 100
     queries at rtol 1e-4: 52 iterations instead of more than 300). `block=False` runs one plain recurrence per
     right-hand side. A row stops (and is frozen) once ‖b − (H + λI)x‖ ≤ max(rtol · ‖b‖, atol); later
-    iterations multiply only the rows still running. `preconditioner="jacobi"` divides by diag(H) + λ (exact when p ≤ `num_probes`,
-    otherwise Hutchinson's estimate from `num_probes` random sign vectors, clipped to stay positive).
+    iterations multiply only the rows still running. `preconditioner="jacobi"` divides by diag(H) + λ (exact
+    when p ≤ `num_probes`, otherwise Hutchinson's estimate from `num_probes` random sign vectors, clipped to
+    stay positive).
     `preconditioner="nystroem"` uses a rank-`preconditioner_rank` Nyström sketch (U, Λ) of H (Frangella et al.,
     2023): P⁻¹ r = (Λ_min + λ) U (Λ + λI)⁻¹ Uᵀ r + (r − U Uᵀ r), built from one batched pass (plus one power
     iteration); the answer is the same, the iterations fewer when H has a few dominant eigenvalues.
@@ -56,13 +58,13 @@ class ConjugateGradientSolver(Solver, method="cg"):
         self._inverse_diagonal: Tensor | None = None
         self._low_rank: tuple[Tensor, Tensor, float] | None = None
 
-    def _fit(self) -> dict[str, Any]:
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
         self._low_rank = None
         if self.preconditioner == "nystroem":
             from .nystroem import NystroemSolver
 
             sketch = NystroemSolver(rank=self.preconditioner_rank, complement="damping").fit(
-                self._fitted(), self.regularization
+                operator, self.regularization
             )
             vectors, values, _ = sketch.preconditioner()
             scale = float(values.min()) + self.regularization
@@ -72,7 +74,7 @@ class ConjugateGradientSolver(Solver, method="cg"):
         if self.preconditioner != "jacobi":
             self._inverse_diagonal = None
             return {}
-        diagonal = self._fitted().diagonal(self.num_probes) + self.regularization
+        diagonal = operator.diagonal(self.num_probes) + self.regularization
         floor = max(1e-6 * float(diagonal.abs().max()), torch.finfo(diagonal.dtype).tiny)
         self._inverse_diagonal = 1.0 / diagonal.clamp_min(floor)
         return {"preconditioner": "jacobi"}

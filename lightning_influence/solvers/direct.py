@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.errors import warn_user
 from .base import Solver, spectrum_report, work_dtype
 
@@ -30,8 +31,7 @@ class DirectSolver(Solver, method="direct"):
         #: Per diagonal block: its Cholesky factor, or (eigenvalues, eigenvectors) where Cholesky failed.
         self._factors: list[Tensor | tuple[Tensor, Tensor]] = []
 
-    def _fit(self) -> dict[str, Any]:
-        operator = self._fitted()
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
         dtype = work_dtype(operator.device)
         hessian = operator.dense().to(dtype)
         hessian = (hessian + hessian.T) / 2
@@ -56,7 +56,7 @@ class DirectSolver(Solver, method="direct"):
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         columns = rhs.T.to(work_dtype(rhs.device))
         solution = torch.empty_like(columns)
-        for (_, block), factor in zip(self._fitted().blocks, self._factors):
+        for (_, block), factor in zip(self.operator.blocks, self._factors):
             solution[block] = self._solve_block(factor, columns[block])
         return solution.T.to(rhs.dtype), {}
 

@@ -18,16 +18,18 @@ estimate with k passes. All sums over examples are reduced across processes; E[�
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from lightning_influence.checks import positive_int
+from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.model.data import batch_size
 from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.twice_differentiable import check_finite
-from .base import ApproximateSolver, work_dtype
-from lightning_influence.checks import positive_int
+from .base import ApproximateSolver, fit_required, work_dtype
 
 FACTOR_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -51,18 +53,16 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
         self.factor_dtype = factor_dtype
         self.seed = seed
         self.structure: LayerStructure | None = None
+        self._dtype = FACTOR_DTYPES[factor_dtype]  # of the factors; float32 on devices without float64 (`_fit`)
         self._basis: list[tuple[Tensor, Tensor]] = []  # (Q_S, Q_A) per layer
         self._eigenvalues: list[Tensor] = []  # Λ per layer, [out, in']
 
-    def _dtype(self) -> torch.dtype:
-        wanted = FACTOR_DTYPES[self.factor_dtype]
-        return wanted if work_dtype(self._fitted().device) == torch.float64 else torch.float32
-
-    def _pseudo_gradients(self, inputs: Any, targets: Tensor, generator: torch.Generator):
+    def _pseudo_gradients(
+        self, structure: LayerStructure, inputs: Any, targets: Tensor, generator: torch.Generator
+    ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
         """Yield, per output cotangent, (activations [B,T,in'] per layer, deltas [B,T,out] per layer)."""
-        assert self.structure is not None
-        outputs, activations, layer_outputs = self.structure.forward(inputs)
-        roots = self.structure.output_hessian_roots(outputs, targets)  # [B, K, K]
+        outputs, activations, layer_outputs = structure.forward(inputs)
+        roots = structure.output_hessian_roots(outputs, targets)  # [B, K, K]
         if self.samples is None:
             cotangents = [roots[:, :, c] for c in range(roots.shape[2])]
         else:
@@ -72,26 +72,39 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
                 cotangents.append(torch.einsum("bkc,bc->bk", roots, signs) / self.samples**0.5)
         for index, cotangent in enumerate(cotangents):
             retain = index + 1 < len(cotangents)
-            deltas = self.structure.backward(outputs, layer_outputs, cotangent.view_as(outputs), retain=retain)
+            deltas = structure.backward(outputs, layer_outputs, cotangent.view_as(outputs), retain=retain)
             yield activations, deltas
 
-    def _fit(self) -> dict[str, Any]:
-        operator = self._fitted()
-        model = operator.model
-        self.structure = LayerStructure(model)
-        blocks = self.structure.blocks
-        dtype = self._dtype()
-        device = operator.device
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
+        structure = LayerStructure(operator.model)
+        wanted = FACTOR_DTYPES[self.factor_dtype]
+        self._dtype = wanted if work_dtype(operator.device) == torch.float64 else torch.float32
+        self._basis, n = self._kronecker_bases(operator, structure)
+        self._eigenvalues = self._corrected_eigenvalues(operator, structure, self._basis, n)
+        operator.count_pass(2)
+        self.structure = structure
+        return {
+            "layers": [b.name for b in structure.blocks],
+            "num_examples": n,
+            "pseudo_gradients": "ggn-exact" if self.samples is None else f"ggn-sampled-{self.samples}",
+            "top_eigenvalue": max(float(e.max()) for e in self._eigenvalues),
+            "min_eigenvalue": min(float(e.min()) for e in self._eigenvalues),
+        }
 
-        # Pass 1: Kronecker factors A = Σ aaᵀ and S = Σ δδᵀ (sums; eigenvectors do not depend on the scale).
+    def _kronecker_bases(
+        self, operator: CurvatureOperator, structure: LayerStructure
+    ) -> tuple[list[tuple[Tensor, Tensor]], int]:
+        """Pass 1: the eigenvectors (Q_S, Q_A) per layer of the Kronecker factors A = E[Σ aaᵀ] and S = E[Σ δδᵀ],
+        and the global number of examples N."""
+        dtype, device = self._dtype, operator.device
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        a_sums = [torch.zeros(b.columns, b.columns, dtype=dtype, device=device) for b in blocks]
-        s_sums = [torch.zeros(b.out_features, b.out_features, dtype=dtype, device=device) for b in blocks]
+        a_sums = [torch.zeros(b.columns, b.columns, dtype=dtype, device=device) for b in structure.blocks]
+        s_sums = [torch.zeros(b.out_features, b.out_features, dtype=dtype, device=device) for b in structure.blocks]
         count = 0
         for index, inputs, targets in operator.batches("EK-FAC factors"):
             count += batch_size(inputs)
             first = True
-            for activations, deltas in self._pseudo_gradients(inputs, targets, generator):
+            for activations, deltas in self._pseudo_gradients(structure, inputs, targets, generator):
                 for layer, (a, delta) in enumerate(zip(activations, deltas)):
                     if first:
                         a2 = a.reshape(-1, a.shape[-1]).to(dtype)
@@ -99,62 +112,55 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
                     d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)
                     s_sums[layer] += check_finite(d2.T @ d2, "EK-FAC gradient factors", index)
                 first = False
-        total = operator.reducer.sum(torch.tensor(float(count), dtype=torch.float64, device=device))
-        n = int(round(total.item()))
-        if n == 0:
-            raise ValueError("training_data holds no examples on any process.")
-        self._basis = []
+        n = operator.count_examples(count)
+        bases = []
         for a_sum, s_sum in zip(a_sums, s_sums):
-            a_full = operator.reducer.sum(a_sum) / n
-            s_full = operator.reducer.sum(s_sum) / n
+            a_full = operator.sum_over_processes(a_sum) / n
+            s_full = operator.sum_over_processes(s_sum) / n
             q_s = torch.linalg.eigh((s_full + s_full.T) / 2).eigenvectors
             q_a = torch.linalg.eigh((a_full + a_full.T) / 2).eigenvectors
-            self._basis.append((q_s, q_a))
+            bases.append((q_s, q_a))
+        return bases, n
 
-        # Pass 2: eigenvalue correction Λ = E[(Q_Sᵀ G Q_A)²] with G = Σₜ δₜ aₜᵀ per example and cotangent.
+    def _corrected_eigenvalues(
+        self, operator: CurvatureOperator, structure: LayerStructure, bases: list[tuple[Tensor, Tensor]], n: int
+    ) -> list[Tensor]:
+        """Pass 2: the eigenvalue correction Λ = E[(Q_Sᵀ G Q_A)²] per layer in the `bases` (Q_S, Q_A) of pass 1,
+        with G = Σₜ δₜ aₜᵀ per example and cotangent."""
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        sums = [torch.zeros(b.out_features, b.columns, dtype=dtype, device=device) for b in blocks]
+        sums = [torch.zeros(b.out_features, b.columns, dtype=self._dtype, device=operator.device)
+                for b in structure.blocks]
         for index, inputs, targets in operator.batches("EK-FAC eigenvalue correction"):
             rotated_a: list[Tensor] | None = None
-            for activations, deltas in self._pseudo_gradients(inputs, targets, generator):
+            for activations, deltas in self._pseudo_gradients(structure, inputs, targets, generator):
                 if rotated_a is None:
-                    rotated_a = [a.to(dtype) @ q_a for a, (_, q_a) in zip(activations, self._basis)]
+                    rotated_a = [a.to(self._dtype) @ q_a for a, (_, q_a) in zip(activations, bases)]
                 for layer, (a_rot, delta) in enumerate(zip(rotated_a, deltas)):
-                    d_rot = delta.to(dtype) @ self._basis[layer][0]  # [B, T, out]
+                    d_rot = delta.to(self._dtype) @ bases[layer][0]  # [B, T, out]
                     if a_rot.shape[1] == 1:  # (δ̃ ã ᵀ)² summed over examples = (δ̃²)ᵀ (ã²)
                         contribution = (d_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
                     else:
                         contribution = (torch.einsum("bto,bti->boi", d_rot, a_rot) ** 2).sum(0)
                     sums[layer] += check_finite(contribution, "EK-FAC eigenvalue correction", index)
-        self._eigenvalues = [operator.reducer.sum(s) / n for s in sums]
-        operator.num_examples = n
-        operator.passes += 2
-        smallest = min(float(e.min()) for e in self._eigenvalues)
-        return {
-            "layers": [b.name for b in blocks],
-            "num_examples": n,
-            "pseudo_gradients": "ggn-exact" if self.samples is None else f"ggn-sampled-{self.samples}",
-            "top_eigenvalue": max(float(e.max()) for e in self._eigenvalues),
-            "min_eigenvalue": smallest,
-        }
+        return [operator.sum_over_processes(s) / n for s in sums]
 
+    @fit_required
     def _approximate(self, rhs: Tensor) -> Tensor:
-        assert self.structure is not None
-        dtype = self._dtype()
+        structure = cast(LayerStructure, self.structure)  # set by `_fit`
         solved = []
         for matrix, (q_s, q_a), eigenvalues in zip(
-            self.structure.to_matrices(rhs.to(dtype)), self._basis, self._eigenvalues
+            structure.to_matrices(rhs.to(self._dtype)), self._basis, self._eigenvalues
         ):
             rotated = q_s.T @ matrix @ q_a  # [M, out, in']
             solved.append(q_s @ (rotated / (eigenvalues + self.regularization)) @ q_a.T)
-        return self.structure.from_matrices(solved).to(rhs.dtype)
+        return structure.from_matrices(solved).to(rhs.dtype)
 
+    @fit_required
     def curvature_matrix(self) -> Tensor:
         """The approximate curvature C (block-diagonal over layers) as a dense [p, p] matrix; for tests."""
-        assert self.structure is not None
-        p = self._fitted().num_params
-        identity = torch.eye(p, dtype=self._dtype(), device=self._fitted().device)
+        structure = cast(LayerStructure, self.structure)  # set by `_fit`
+        identity = torch.eye(self.operator.num_params, dtype=self._dtype, device=self.operator.device)
         columns = []
-        for matrix, (q_s, q_a), eigenvalues in zip(self.structure.to_matrices(identity), self._basis, self._eigenvalues):
+        for matrix, (q_s, q_a), eigenvalues in zip(structure.to_matrices(identity), self._basis, self._eigenvalues):
             columns.append(q_s @ ((q_s.T @ matrix @ q_a) * eigenvalues) @ q_a.T)
-        return self.structure.from_matrices(columns)
+        return structure.from_matrices(columns)

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.errors import warn_user
-from lightning_influence.model.data import loader_length
-from .base import Solver
 from lightning_influence.checks import non_negative_float, positive_int
+from lightning_influence.curvature.operator import CurvatureOperator
+from lightning_influence.errors import warn_user
+from .base import Solver
 
 ACCELERATIONS = (None, "auto", "chebyshev")
 
@@ -62,22 +62,22 @@ class LissaSolver(Solver, method="lissa"):
         self.acceleration = acceleration
         self._scale = 0.0
 
-    def _fit(self) -> dict[str, Any]:
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
         if self.scale is not None:
             self._scale = float(self.scale)
             return {"scale": self._scale}
-        largest = abs(self._fitted().largest_eigenvalue()) + self.regularization
+        largest = abs(operator.largest_eigenvalue()) + self.regularization
         self._scale = self.scale_margin * largest if largest > 0 else 1.0
         return {"scale": self._scale, "estimated_max_eigenvalue": largest}
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         lower = self.regularization + self.dampen * self._scale
-        single_batch = _single_batch(self._fitted())
+        operator = self.operator
+        single_batch = operator.single_batch()
         accelerate = self.acceleration == "chebyshev" or (self.acceleration == "auto" and single_batch)
         if accelerate and 0 < lower < self._scale:
             return self._solve_chebyshev(rhs, lower)
-        operator = self._fitted()
-        batches = _cycle(operator)
+        batches = operator.cycle_batches()
         estimate = rhs.clone()
 
         def advance() -> Tensor:
@@ -91,7 +91,7 @@ class LissaSolver(Solver, method="lissa"):
 
     def _solve_chebyshev(self, rhs: Tensor, lower: float) -> tuple[Tensor, dict[str, Any]]:
         """Chebyshev iteration for A x = b on the spectrum interval [lower, scale] (Saad, Alg. 12.1)."""
-        operator = self._fitted()
+        operator = self.operator
         shift = self.regularization + self.dampen * self._scale
         centre, half_width = (self._scale + lower) / 2, (self._scale - lower) / 2
         sigma = centre / half_width
@@ -138,25 +138,3 @@ class LissaSolver(Solver, method="lissa"):
         return current, {"iterations": iterations, "converged": converged, "max_relative_change": relative_change,
                          **facts}
 
-
-def _single_batch(operator: Any) -> bool:
-    """Whether every step sees the whole training set: one batch, or across processes at most one per process
-    (decided by all of them together, so that every process takes the same branch)."""
-    length = loader_length(operator.training_data)
-    several = length is None or length > 1 or (length == 0 and not operator.distributed)
-    flag = operator.reducer.sum(torch.tensor(float(several), dtype=torch.float64, device=operator.device))
-    return float(flag) == 0
-
-
-def _cycle(operator: Any):
-    """Endless (inputs, targets) batches from the operator's training data, restarting each epoch.
-
-    A process whose shard holds no batches yields (None, None): it still takes part in every reduced product.
-    """
-    while True:
-        empty = True
-        for _, inputs, targets in operator.batches("lissa batches"):
-            empty = False
-            yield inputs, targets
-        if empty:
-            yield None, None

@@ -14,18 +14,19 @@ the plain regularised inverse) or the mean eigenvalue left over, (trace(H) − �
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from .base import ApproximateSolver, work_dtype
 from lightning_influence.checks import positive_int
+from lightning_influence.curvature.operator import CurvatureOperator
+from .base import ApproximateSolver, fit_required, work_dtype
 
 COMPLEMENTS = ("trace", "damping")
 
 
-def complement_curvature(operator: Any, eigenvalues: Tensor, num_probes: int, seed: int) -> float:
+def complement_curvature(operator: CurvatureOperator, eigenvalues: Tensor, num_probes: int, seed: int) -> float:
     """(trace(H) − Σ kept eigenvalues) / (p − r), clipped at 0: the mean curvature outside a kept subspace."""
     p, rank = operator.num_params, eigenvalues.numel()
     if rank >= p:
@@ -61,8 +62,7 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
         self._eigenvectors: Tensor | None = None
         self._complement = 0.0
 
-    def _fit(self) -> dict[str, Any]:
-        operator = self._fitted()
+    def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
         dtype = work_dtype(operator.device)
         p = operator.num_params
         rank = min(self.rank, p)
@@ -84,24 +84,24 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
             "complement_eigenvalue": self._complement,
         }
 
+    @fit_required
     def _approximate(self, rhs: Tensor) -> Tensor:
-        assert self._eigenvectors is not None and self._eigenvalues is not None
-        vectors = self._eigenvectors
+        vectors, eigenvalues, outside_curvature = self.preconditioner()
         block = rhs.to(vectors.dtype)
         coefficients = block @ vectors  # [M, r]
-        inside = (coefficients / (self._eigenvalues + self.regularization)) @ vectors.T
+        inside = (coefficients / (eigenvalues + self.regularization)) @ vectors.T
         if vectors.shape[1] >= vectors.shape[0]:
             return inside.to(rhs.dtype)
-        complement = self._complement + self.regularization
+        complement = outside_curvature + self.regularization
         if complement <= 0:
             raise ValueError("nystroem with rank < p needs hessian_regularization > 0 (or complement='trace').")
         outside = (block - coefficients @ vectors.T) / complement
         return (inside + outside).to(rhs.dtype)
 
+    @fit_required
     def preconditioner(self) -> tuple[Tensor, Tensor, float]:
         """(U, Λ, μ): the fitted low-rank factors and complement curvature, for preconditioning."""
-        assert self._eigenvectors is not None and self._eigenvalues is not None
-        return self._eigenvectors, self._eigenvalues, self._complement
+        return cast(Tensor, self._eigenvectors), cast(Tensor, self._eigenvalues), self._complement  # set by `_fit`
 
 
 def nystroem_factors(omega: Tensor, product: Tensor) -> tuple[Tensor, Tensor]:
