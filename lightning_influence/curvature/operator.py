@@ -14,26 +14,15 @@ method factorises p_b × p_b blocks instead of p × p.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_influence.checks import Curvature
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
 from lightning_influence.model.data import batch_size, iterate_batches, loader_length
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
-
-
-Curvature = Literal["hessian", "ggn"]
-CURVATURES: tuple[str, ...] = ("hessian", "ggn")
-
-
-def check_curvature(curvature: Any, block_diagonal: Any) -> None:
-    """Refuse an unknown curvature or a non-boolean block_diagonal, naming what is accepted."""
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}.")
-    if not isinstance(block_diagonal, bool):
-        raise TypeError(f"block_diagonal must be True or False, got {block_diagonal!r}.")
 
 
 def parameter_blocks(model: TwiceDifferentiable) -> list[tuple[str, slice]]:
@@ -56,7 +45,7 @@ class CurvatureOperator:
     The operator keeps its own bookkeeping: `num_examples` (the global N of the last reduction) and `passes` (over
     the training data so far). Solvers use its public methods only: products (`matmat`, `batch_matmat`, `dense`,
     …), and for a solver that makes its own passes, `batches`, `sum_over_processes`, `count_examples`,
-    `reduce_mean` and `count_pass`.
+    `reduce_mean` and `count_pass`. Arguments are validated where they enter (`InfluenceArguments`), not here.
 
     Args:
         model: the functional model and loss.
@@ -77,7 +66,6 @@ class CurvatureOperator:
         curvature: Curvature = "hessian",
         block_diagonal: bool = False,
     ) -> None:
-        check_curvature(curvature, block_diagonal)
         self._model = model
         self._training_data = training_data
         self._reducer: Reducer = reducer if reducer is not None else LocalReducer()
