@@ -41,6 +41,11 @@ class ResultMismatchError(ValueError):
     """A save dir holds results of another run (other weights, method, λ, data or queries)."""
 
 
+class LayerFormError(RuntimeError):
+    """The per-layer outer-product form of gradients does not hold for this model (a layer used more than once
+    per forward pass, or a layer output outside the autograd graph): use the generic per-example path."""
+
+
 #: Message fragments of allocation failures that torch raises as a plain RuntimeError: the CPU allocator on Linux
 #: ("DefaultCPUAllocator: can't allocate memory") and Windows ("not enough memory"), and other backends (MPS).
 _OUT_OF_MEMORY_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "not enough memory", "out of memory")

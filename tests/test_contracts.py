@@ -15,7 +15,8 @@ import lightning_influence
 import lightning_influence.model.twice_differentiable as twice_differentiable
 from helpers import classification_data, loader, mlp_model
 from lightning_influence import CurvatureOperator, TwiceDifferentiable
-from lightning_influence.errors import NotFittedError, is_out_of_memory
+from lightning_influence.errors import LayerFormError, NotFittedError, is_out_of_memory
+from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.twice_differentiable import forward_mode_unsupported
 from lightning_influence.solvers import Solver, make_solver
 from lightning_influence.solvers.base import ApproximateSolver
@@ -220,6 +221,23 @@ def test_forward_mode_unsupported_never_matches_out_of_memory():
     assert forward_mode_unsupported(gap)
     assert not forward_mode_unsupported(torch.OutOfMemoryError("Trying to use forward AD with: out of memory"))
     assert not forward_mode_unsupported(RuntimeError("some other failure"))
+
+
+def test_a_layer_used_twice_raises_its_own_error_for_a_precise_fall_back(problem):
+    """Scoring falls back from the per-layer form to the generic path on this error only, never on others."""
+    _, x, y = problem
+
+    class SharedLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(5, 5).double()
+
+        def forward(self, inputs):
+            return self.layer(torch.tanh(self.layer(inputs)))[:, :3]
+
+    structure = LayerStructure(TwiceDifferentiable(SharedLayer(), F.cross_entropy))
+    with pytest.raises(LayerFormError, match="'layer' ran 2 times in one forward pass"):
+        structure.example_gradients(x, y)
 
 
 # -- warnings point at the caller's line ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, hessian, vmap
 
+from lightning_influence.errors import LayerFormError
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -159,7 +160,7 @@ class LayerStructure:
         """Run the module once, recording each layer's input a [B, T, in'] and its output s (kept in the graph).
 
         Returns (outputs, [a per layer], [s per layer]). A layer called more than once per forward (weight
-        sharing) breaks the outer-product form and raises RuntimeError.
+        sharing) breaks the outer-product form and raises LayerFormError.
         """
         records: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in range(len(self.blocks))}
         handles = []
@@ -180,13 +181,13 @@ class LayerStructure:
         activations, layer_outputs = [], []
         for i, block in enumerate(self.blocks):
             if len(records[i]) != 1:
-                raise RuntimeError(
+                raise LayerFormError(
                     f"Layer {block.name!r} ran {len(records[i])} times in one forward pass; the per-layer form "
                     "needs each layer used exactly once."
                 )
             layer_input, layer_output = records[i][0]
             if not layer_output.requires_grad:
-                raise RuntimeError(f"The output of layer {block.name!r} does not require grad.")
+                raise LayerFormError(f"The output of layer {block.name!r} does not require grad.")
             activations.append(self._layer_input(block, layer_input))
             layer_outputs.append(layer_output)
         return outputs, activations, layer_outputs
