@@ -170,8 +170,14 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
         except DistributedStageError as error:
             results["collective_failure"] = str(error)
         results["collective_failure_seconds"] = time.monotonic() - started
+        control = distribution.control_group
         distribution.close()
         short.close()
+        try:  # a destroyed group can no longer be used
+            dist.get_rank(control)  # raises for a group that is no longer registered
+            results["groups_destroyed"] = False
+        except (ValueError, RuntimeError):
+            results["groups_destroyed"] = distribution.owned_groups == ()
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())

@@ -134,3 +134,8 @@ def test_a_failure_on_one_rank_raises_on_every_rank(two_process_run):
         assert results["collective_failure_seconds"] < 20
     assert "[0, 1]" in ranks[0]["collective_failure"]  # rank 0 reports its own timeout too
 
+
+
+def test_a_distribution_destroys_the_groups_it_created(two_process_run):
+    ranks, _ = two_process_run
+    assert all(results["groups_destroyed"] for results in ranks)

@@ -8,7 +8,7 @@ from torch import nn
 from helpers import ExactReference, classification_data, fitted, loader, mlp_model
 from lightning_influence import TwiceDifferentiable, compute_influence_factors, compute_influences_up, fit_solver
 from lightning_influence.model.layers import LayerStructure
-from lightning_influence.engine.scoring import layer_structure, stacked_gradients
+from lightning_influence.engine.scoring import stacked_gradients
 
 LAMBDA = 0.05
 
@@ -71,12 +71,11 @@ def test_scores_through_the_layer_path_equal_the_vmap_path():
     x_test, y_test = classification_data(5, seed=1)
     module = fitted(mlp_model(), x, y, steps=50)
     model = TwiceDifferentiable(module, F.cross_entropy)
-    assert layer_structure(model) is not None
+    assert model.uses_layer_gradients
     factors = compute_influence_factors(model, loader(x, y), loader(x_test, y_test), "cg", hessian_perturbation=LAMBDA)
     fast = compute_influences_up(model, loader(x, y), factors)
-    generic = TwiceDifferentiable(module, F.cross_entropy)
-    generic.layer_gradients = False
-    assert layer_structure(generic) is None
+    generic = TwiceDifferentiable(module, F.cross_entropy, layer_gradients=False)
+    assert not generic.uses_layer_gradients
     slow = compute_influences_up(generic, loader(x, y), factors)
     assert torch.allclose(fast, slow, rtol=1e-9, atol=1e-12)
 
@@ -85,10 +84,11 @@ def test_weight_sharing_falls_back_to_vmap():
     x, y = classification_data(12)
     torch.manual_seed(0)
     model = TwiceDifferentiable(Shared().double(), F.cross_entropy)
+    assert model.uses_layer_gradients  # until the first forward shows the shared layer
     with model.evaluating():
         gradients = stacked_gradients(model, loader(x, y, batch_size=4), name="data")
         expected = model.grad(x, y)
-    assert model.layer_gradients is False
+    assert not model.uses_layer_gradients  # switched to vmap for good by the model itself
     assert torch.allclose(gradients, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -99,8 +99,7 @@ def test_chunk_size_does_not_change_results(chunk_size):
     module = fitted(mlp_model(), x, y, steps=50)
     results = []
     for chunk in (None, chunk_size):
-        model = TwiceDifferentiable(module, F.cross_entropy, chunk_size=chunk)
-        model.layer_gradients = False
+        model = TwiceDifferentiable(module, F.cross_entropy, chunk_size=chunk, layer_gradients=False)
         factors = compute_influence_factors(model, loader(x, y), loader(x_test, y_test), "cg", hessian_perturbation=LAMBDA,
                                             rtol=1e-10)
         results.append(compute_influences_up(model, loader(x, y), factors))

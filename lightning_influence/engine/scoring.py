@@ -14,28 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.model.data import batch_size, iterate_batches, row_slices, slice_batch
-from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
-
-
-def layer_structure(model: TwiceDifferentiable) -> LayerStructure | None:
-    """The per-layer fast path when every selected parameter is in an nn.Linear/nn.Conv2d, else None.
-
-    Per-example gradients are then outer products δ aᵀ from one batched forward and reverse pass instead of a
-    vmap (equal to float tolerance). Set ``model.layer_gradients = False`` to force the vmap path.
-    """
-    if not getattr(model, "layer_gradients", True) or not LayerStructure.supports(model):
-        return None
-    return LayerStructure(model)
-
-
-def _example_gradients(model: TwiceDifferentiable, structure: LayerStructure | None, inputs: Any, targets: Any) -> Tensor:
-    if structure is not None:
-        try:
-            return structure.example_gradients(inputs, targets)
-        except RuntimeError:  # e.g. a layer used twice per forward: the outer-product form does not hold
-            model.layer_gradients = False  # type: ignore[attr-defined]
-    return model.grad(inputs, targets)
 
 
 def gradients(
@@ -43,14 +22,13 @@ def gradients(
 ) -> Iterator[tuple[int, Tensor]]:
     """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p] (in pieces of at most `model.example_rows()`
     rows under a memory budget), checked finite, with the index of the batch they came from."""
-    structure = layer_structure(model)
     rows = model.example_rows()
     for index, inputs, targets in iterate_batches(data, model.device, model.dtype, name=name, progress=progress):
         if index == 0:
             model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
         for start, stop in row_slices(batch_size(inputs), rows):
             piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
-            block = _example_gradients(model, structure, piece_inputs, piece_targets)
+            block = model.example_gradients(piece_inputs, piece_targets)
             yield index, check_finite(block, f"per-example gradients of {name}", index)
 
 

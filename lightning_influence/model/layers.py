@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from torch.func import grad, hessian, vmap
 
 from lightning_influence.errors import LayerFormError
-from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+
+if TYPE_CHECKING:  # the model imports this module for its per-layer path
+    from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.checks import parse_memory
-from lightning_influence.errors import NonFiniteError, is_out_of_memory
+from lightning_influence.checks import flag, parse_memory
+from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
+from lightning_influence.model.layers import LayerStructure
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -79,6 +80,9 @@ class TwiceDifferentiable:
         max_memory: bytes (or a string such as ``"2GB"``) for the per-example blocks that scoring holds at once:
             each batch's per-example gradients are formed ``example_rows()`` rows at a time, and result chunks
             are sized to fit (see `compute_influence`). Results are unchanged; None sizes by the batch alone.
+        layer_gradients: form per-example gradients as per-layer outer products δ aᵀ (one batched forward and
+            reverse pass) when every selected parameter belongs to an nn.Linear or nn.Conv2d used once per
+            forward; False always uses the vmap path. Both give the same values to float tolerance.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class TwiceDifferentiable:
         *,
         chunk_size: int | None = None,
         max_memory: int | str | None = None,
+        layer_gradients: bool = True,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -110,6 +115,8 @@ class TwiceDifferentiable:
         self.dtype: torch.dtype = selected[0].dtype
         self.device: torch.device = selected[0].device
         self._reverse_over_reverse = False
+        self._layer_structure = LayerStructure(self) if flag("layer_gradients", layer_gradients) and \
+            LayerStructure.supports(self) else None
         self.max_memory = parse_memory(max_memory)
         if self.max_memory is not None and self.max_memory < self._example_bytes():
             raise ValueError(
@@ -179,6 +186,22 @@ class TwiceDifferentiable:
         return loss
 
     # -- first derivatives --------------------------------------------------------------------------------
+    @property
+    def uses_layer_gradients(self) -> bool:
+        """Whether `example_gradients` takes the per-layer outer-product path (see `layer_gradients`)."""
+        return self._layer_structure is not None
+
+    def example_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, [B, p]: by per-layer outer products where they hold,
+        else by `grad`. A layer found to run twice per forward (weight sharing) switches this model to `grad`
+        for good; any other error propagates."""
+        if self._layer_structure is not None:
+            try:
+                return self._layer_structure.example_gradients(inputs, targets)
+            except LayerFormError:
+                self._layer_structure = None
+        return self.grad(inputs, targets)
+
     def grad(self, inputs: Any, targets: Tensor) -> Tensor:
         """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, shape [B, p], in one vmap (chunked by chunk_size)."""
         per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)
