@@ -36,6 +36,30 @@ def flag(name: str, value: Any) -> bool:
     return value
 
 
+def optional_flag(name: str, value: Any, meaning_of_none: str) -> bool | None:
+    """True, False or None (whose meaning the message names)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None ({meaning_of_none}), got {value!r}.")
+    return value
+
+
+def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """One of a few accepted strings."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def parameter_patterns(params: Any) -> list[str] | None:
+    """Parameter names or glob patterns as a non-empty list (one string becomes a list of one); None for all."""
+    if params is None:
+        return None
+    patterns = [params] if isinstance(params, str) else list(params) if isinstance(params, (list, tuple)) else None
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
+    return patterns
+
+
 def check_regularization(value: Any) -> float | str:
     """λ as a float ≥ 0, or the string "auto"; anything else is refused with what to pass instead."""
     if value == "auto":
@@ -49,9 +73,7 @@ def check_regularization(value: Any) -> float | str:
 
 def check_curvature(curvature: Any) -> Curvature:
     """An accepted curvature name."""
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {list(CURVATURES)}, got {curvature!r}.")
-    return curvature
+    return one_of("curvature", curvature, CURVATURES)  # type: ignore[return-value]
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

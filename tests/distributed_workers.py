@@ -4,6 +4,7 @@ and a launcher that never waits forever."""
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import traceback
 from pathlib import Path
@@ -182,3 +183,6 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
         raise
+    # The deliberately timed-out gloo group above can abort the process in gloo's C++ teardown ("terminate called
+    # without an active exception") about one run in ten; the results are saved, so leave without that teardown.
+    os._exit(0)

@@ -220,7 +220,7 @@ class _Stream(IterableDataset):
         (dict(batch_size=2.5), ValueError, "batch_size must be a positive integer"),
         (dict(num_queries=0), ValueError, "num_queries must be a positive integer"),
         (dict(query_indices=[1, -2]), ValueError, "query_indices must be a non-empty list"),
-        (dict(on_error="ignore"), ValueError, "on_error must be 'raise' or 'warn'"),
+        (dict(on_error="ignore"), ValueError, r"on_error must be one of \['raise', 'warn'\]"),
         (dict(self_influence="yes"), TypeError, "self_influence must be True or False"),
         (dict(progress=1), TypeError, "progress must be True, False or None"),
         (dict(params=[1]), TypeError, "params must be a name"),

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.checks import Curvature, flag, positive_int
+from lightning_influence.checks import Curvature, flag, one_of, optional_flag, parameter_patterns, positive_int
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.enums import InversionMethod
@@ -155,19 +155,13 @@ class InfluenceCallback(pl.Callback):
         )
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
-        if params is not None and not (isinstance(params, str) or all(isinstance(p, str) for p in params)):
-            raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
-        self.params = params
+        self.params = parameter_patterns(params)
         self.num_queries = positive_int("num_queries", num_queries, allow_none=True)
         self.query_indices = _check_indices(query_indices, "query_indices")
         self.top_k = positive_int("top_k", top_k)
         self.compute_on_fit_end = flag("compute_on_fit_end", compute_on_fit_end)
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress must be True, False or None (follow the trainer), got {progress!r}.")
-        self.progress = progress
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}.")
-        self.on_error = on_error
+        self.progress = optional_flag("progress", progress, "follow the trainer")
+        self.on_error = one_of("on_error", on_error, ("raise", "warn"))
         self.save_dir = _check_save_dir(save_dir)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}.")

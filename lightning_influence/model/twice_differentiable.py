@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.checks import flag, parse_memory
+from lightning_influence.checks import flag, parameter_patterns, parse_memory, positive_int
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
 from lightning_influence.model.layers import LayerStructure
 
@@ -47,12 +47,10 @@ def forward_mode_unsupported(error: BaseException) -> bool:
 def select_parameters(module: nn.Module, params: str | Sequence[str] | None) -> list[str]:
     """Names of the trainable parameters chosen by `params`: exact names or glob patterns, None for all."""
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    if params is None:
+    patterns = parameter_patterns(params)
+    if patterns is None:
         chosen = trainable
     else:
-        patterns = [params] if isinstance(params, str) else list(params)
-        if not patterns or not all(isinstance(p, str) for p in patterns):
-            raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
         unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in trainable)]
         if unmatched:
             raise ValueError(
@@ -99,11 +97,9 @@ class TwiceDifferentiable:
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
         self.module = module
         self.loss_fn = loss_fn
-        self.chunk_size = chunk_size
+        self.chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
         self.param_names = select_parameters(module, params)
         named = dict(module.named_parameters())
         selected = [named[name] for name in self.param_names]
