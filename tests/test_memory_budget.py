@@ -46,10 +46,10 @@ def problem():
     return module, x, y, x_test, y_test
 
 
-def budgeted(module, rows):
-    """The model with a budget of exactly `rows` per-example gradient rows (two copies of p float64 values)."""
-    p = sum(t.numel() for t in module.parameters())
-    return TwiceDifferentiable(module, F.cross_entropy, max_memory=rows * 2 * p * 8)
+def budgeted(module, rows, inputs, targets):
+    """The model with a budget of exactly `rows` examples' working memory for per-example gradients."""
+    per_example = TwiceDifferentiable(module, F.cross_entropy).example_bytes(inputs, targets)
+    return TwiceDifferentiable(module, F.cross_entropy, max_memory=rows * per_example)
 
 
 def test_a_budget_too_small_for_one_gradient_is_refused_with_the_size_needed(problem):
@@ -61,8 +61,8 @@ def test_a_budget_too_small_for_one_gradient_is_refused_with_the_size_needed(pro
 def test_gradients_come_in_pieces_that_fit_and_scores_are_unchanged(problem):
     module, x, y, x_test, y_test = problem
     free = TwiceDifferentiable(module, F.cross_entropy)
-    tight = budgeted(module, 3)
-    assert tight.example_rows() == 3
+    tight = budgeted(module, 3, x, y)
+    assert tight.compute_rows(x, y) == 3
     with tight.evaluating():
         blocks = [block for _, block in gradients(tight, loader(x, y, batch_size=16), name="train")]
     assert max(len(b) for b in blocks) == 3 and sum(len(b) for b in blocks) == 50

@@ -100,8 +100,10 @@ def test_chunk_size_does_not_change_results(chunk_size):
     results = []
     for chunk in (None, chunk_size):
         model = TwiceDifferentiable(module, F.cross_entropy, chunk_size=chunk, layer_gradients=False)
-        factors = compute_influence_factors(model, loader(x, y), loader(x_test, y_test), "cg", hessian_perturbation=LAMBDA,
-                                            rtol=1e-10)
+        # direct: an iterative solver would amplify rounding-level differences by the condition number, which
+        # says nothing about chunking.
+        factors = compute_influence_factors(model, loader(x, y), loader(x_test, y_test), "direct",
+                                            hessian_perturbation=LAMBDA)
         results.append(compute_influences_up(model, loader(x, y), factors))
     assert torch.allclose(results[0], results[1], rtol=1e-8, atol=1e-12)
 

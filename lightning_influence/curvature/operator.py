@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_influence.checks import Curvature
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
-from lightning_influence.model.data import batch_size, iterate_batches, loader_length
+from lightning_influence.model.data import batch_size, iterate_batches, loader_length, rebatched
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
@@ -109,10 +109,16 @@ class CurvatureOperator:
         return not isinstance(self._reducer, LocalReducer)
 
     # -- the training data --------------------------------------------------------------------------------
-    def batches(self, desc: str) -> Iterable[tuple[int, Any, Tensor]]:
+    def batches(self, desc: str, vectors: int | None = None) -> Iterator[tuple[int, Any, Tensor]]:
         """This process's training batches on the model's device (possibly none when distributed: the global
-        count is checked after reduction)."""
-        return iterate_batches(
+        count is checked after reduction).
+
+        With `vectors`, consecutive loader batches are joined into compute batches sized for products with that
+        many vectors (`TwiceDifferentiable.compute_rows`), so a pass costs the same whatever the loader's batch
+        size; sums weighted by batch size are unchanged. Without, the loader's own batches come (LiSSA's
+        stochastic steps are defined on them).
+        """
+        batches = iterate_batches(
             self._training_data,
             self.device,
             self.dtype,
@@ -121,6 +127,9 @@ class CurvatureOperator:
             desc=desc,
             allow_empty=self.distributed,
         )
+        if vectors is None:
+            return batches
+        return rebatched(batches, lambda inputs, targets: self.model.compute_rows(inputs, targets, vectors))
 
     def check(self) -> None:
         """Check the loss on this process's first training batch (see `TwiceDifferentiable.check_second_order`),
@@ -197,10 +206,10 @@ class CurvatureOperator:
         """H V for a block of k vectors, [k, p] → [k, p]: one pass over the training data."""
         total = torch.zeros_like(vectors)
         count = 0
-        for index, inputs, targets in self.batches("Hessian products"):
+        for index, inputs, targets in self.batches("Hessian products", vectors=len(vectors) * len(self.blocks)):
             size = batch_size(inputs)
             product = self._batch_product(inputs, targets, vectors)
-            total += size * check_finite(product, "Hessian-vector products", index)
+            total += size * check_finite(product, "Hessian-vector products", index, inputs=inputs)
             count += size
         return self.reduce_mean(total, count, "Hessian-vector products")
 
@@ -231,9 +240,9 @@ class CurvatureOperator:
         explicit = self.model.batch_ggn if self.curvature == "ggn" else self.model.batch_hessian
         total = torch.zeros(p, p, dtype=self.dtype, device=self.device)
         count = 0
-        for index, inputs, targets in self.batches("explicit Hessian"):
+        for index, inputs, targets in self.batches("explicit Hessian", vectors=p):
             size = batch_size(inputs)
-            total += size * check_finite(explicit(inputs, targets), "explicit Hessian", index)
+            total += size * check_finite(explicit(inputs, targets), "explicit Hessian", index, inputs=inputs)
             count += size
         if len(self.blocks) > 1:
             kept = torch.zeros(p, p, dtype=torch.bool, device=self.device)

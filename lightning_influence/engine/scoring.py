@@ -1,8 +1,8 @@
 """Influence scores as a bilinear form, streamed over the training data one batch at a time.
 
-Memory stays bounded by (batch × p + M × p): per-example gradients of one batch are formed, contracted with
-the factors, and dropped before the next batch is read. With the model's `max_memory`, a batch is further cut
-into pieces of `model.example_rows()` examples, so the bound becomes that budget plus M × p.
+Memory stays bounded by the model's compute budget plus M × p: per-example gradients of one compute batch
+(`model.compute_rows` examples, whatever the loader's batch size) are formed, contracted with the factors, and
+dropped before the next batch is read.
 """
 
 from __future__ import annotations
@@ -13,23 +13,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.model.data import batch_size, iterate_batches, row_slices, slice_batch
+from lightning_influence.model.data import batch_size, iterate_batches, rebatched, row_slices, slice_batch
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
 def gradients(
     model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
 ) -> Iterator[tuple[int, Tensor]]:
-    """Per-example gradients ∇θ ℓ(zᵢ, θ) of each batch, [B, p] (in pieces of at most `model.example_rows()`
-    rows under a memory budget), checked finite, with the index of the batch they came from."""
-    rows = model.example_rows()
-    for index, inputs, targets in iterate_batches(data, model.device, model.dtype, name=name, progress=progress):
-        if index == 0:
-            model.batch_loss(inputs, targets)  # a clear error for shape mismatches and non-scalar losses
+    """Per-example gradients ∇θ ℓ(zᵢ, θ), [B, p] blocks in loader order, checked finite, with the index of the
+    loader batch each block starts in.
+
+    Loader batches are joined into compute batches of `model.compute_rows` examples (and a larger loader batch
+    is cut to that size), so the number of vectorised calls depends on the memory budget, not on the loader's
+    batch size.
+    """
+    batches = iterate_batches(data, model.device, model.dtype, name=name, progress=progress)
+    for index, inputs, targets in rebatched(batches, model.compute_rows):  # checks the loss on the first batch
+        rows = model.compute_rows(inputs, targets)
         for start, stop in row_slices(batch_size(inputs), rows):
             piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
             block = model.example_gradients(piece_inputs, piece_targets)
-            yield index, check_finite(block, f"per-example gradients of {name}", index)
+            yield index, check_finite(block, f"per-example gradients of {name}", index, first_row=start)
 
 
 def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False) -> Tensor:

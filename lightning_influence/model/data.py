@@ -124,6 +124,79 @@ def iterate_batches(
         raise ValueError(f"{name} yielded no batches; pass a DataLoader over a non-empty dataset.")
 
 
+class BatchSpan(int):
+    """The label of a compute batch: the index of the first loader batch it joins (its value, so it prints and
+    compares as that index) and the sizes of all of them, so that a failure can name the loader batch it came
+    from."""
+
+    sizes: tuple[int, ...]
+
+    def __new__(cls, first: int, sizes: Sequence[int]) -> BatchSpan:
+        span = super().__new__(cls, first)
+        span.sizes = tuple(sizes)
+        return span
+
+    def loader_batch(self, row: int) -> int:
+        """The index of the loader batch that holds example `row` of the compute batch."""
+        end = 0
+        for offset, size in enumerate(self.sizes):
+            end += size
+            if row < end:
+                return int(self) + offset
+        return int(self) + len(self.sizes) - 1
+
+    def blame(self, values: torch.Tensor, first_row: int | None, inputs: Any) -> int:
+        """The loader batch a non-finite `values` came from: the first non-finite row when `values` holds one
+        row per example from `first_row` on, else the first loader batch with non-finite inputs, else the first
+        loader batch."""
+        if first_row is not None and values.ndim:
+            bad = (~torch.isfinite(values.reshape(values.shape[0], -1))).any(1).nonzero()
+            if len(bad):
+                return self.loader_batch(first_row + int(bad[0]))
+        leaves = [leaf for leaf in _leaves(inputs) if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        if leaves:
+            bad_rows = ~torch.stack([torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(1) for leaf in leaves]).all(0)
+            if bool(bad_rows.any()):
+                return self.loader_batch(int(bad_rows.nonzero()[0]))
+        return int(self)
+
+
+def rebatched(
+    batches: Iterator[tuple[int, Any, torch.Tensor]], rows_for: Callable[[Any, torch.Tensor], int]
+) -> Iterator[tuple[BatchSpan, Any, torch.Tensor]]:
+    """Consecutive batches of `iterate_batches` joined into compute batches of up to `rows_for(inputs, targets)`
+    examples (asked of the first batch), in order; each is labelled with a `BatchSpan` of its loader batches.
+
+    The cost of a vectorised call has a fixed part, so the loader's batch size (64 in a training loop) should
+    not decide how many calls a pass makes. A loader batch larger than the limit passes whole (the caller
+    slices it); examples are never reordered.
+    """
+    first = next(batches, None)
+    if first is None:
+        return
+    rows = max(1, rows_for(first[1], first[2]))
+    pending = [first]
+    size = batch_size(first[1])
+    for batch in batches:
+        added = batch_size(batch[1])
+        if size + added > rows:
+            yield _joined(pending)
+            pending, size = [], 0
+        pending.append(batch)
+        size += added
+    yield _joined(pending)
+
+
+def _joined(batches: list[tuple[int, Any, torch.Tensor]]) -> tuple[BatchSpan, Any, torch.Tensor]:
+    """One batch from several: every tensor leaf of the inputs, and the targets, concatenated along dim 0."""
+    span = BatchSpan(batches[0][0], [batch_size(inputs) for _, inputs, _ in batches])
+    if len(batches) == 1:
+        return span, batches[0][1], batches[0][2]
+    inputs = tree_map(lambda *leaves: torch.cat(leaves) if isinstance(leaves[0], torch.Tensor) else leaves[0],
+                      *[inputs for _, inputs, _ in batches])
+    return span, inputs, torch.cat([targets for _, _, targets in batches])
+
+
 def slice_batch(inputs: Any, targets: torch.Tensor, start: int, stop: int) -> tuple[Any, torch.Tensor]:
     """Examples start:stop of a batch (every tensor leaf of the inputs sliced along its first dimension)."""
     cut = lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t  # noqa: E731

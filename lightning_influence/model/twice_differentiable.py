@@ -15,13 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_influence.checks import flag, parameter_patterns, parse_memory, positive_int
+from lightning_influence.model.data import BatchSpan, slice_batch
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
 from lightning_influence.model.layers import LayerStructure
 
 LossFn = Callable[[Any, Tensor], Tensor]
+
+#: The working memory of one vectorised call when the model has no `max_memory`: compute batches are sized to
+#: it, whatever the loader's batch size (see `TwiceDifferentiable.compute_rows`).
+DEFAULT_COMPUTE_MEMORY = 2**30
 
 #: (exception type, message fragment) of the errors torch 2.13 raises where forward-mode AD has no formula for an
 #: op, so that the same product by reverse passes alone may still work.
@@ -76,8 +81,8 @@ class TwiceDifferentiable:
         chunk_size: examples per vectorised chunk in per-example computations (None: the whole batch). Smaller
             bounds memory without changing results.
         max_memory: bytes (or a string such as ``"2GB"``) for the per-example blocks that scoring holds at once:
-            each batch's per-example gradients are formed ``example_rows()`` rows at a time, and result chunks
-            are sized to fit (see `compute_influence`). Results are unchanged; None sizes by the batch alone.
+            every vectorised call takes as many examples as fit (`compute_rows`), and result chunks are sized to
+            fit (see `compute_influence`). Results are unchanged; None: `DEFAULT_COMPUTE_MEMORY` per call.
         layer_gradients: form per-example gradients as per-layer outer products δ aᵀ (one batched forward and
             reverse pass) when every selected parameter belongs to an nn.Linear or nn.Conv2d used once per
             forward; False always uses the vmap path. Both give the same values to float tolerance.
@@ -111,6 +116,7 @@ class TwiceDifferentiable:
         self.dtype: torch.dtype = selected[0].dtype
         self.device: torch.device = selected[0].device
         self._reverse_over_reverse = False
+        self._activation_numel: int | None = None
         self._layer_structure = LayerStructure(self) if flag("layer_gradients", layer_gradients) and \
             LayerStructure.supports(self) else None
         self.max_memory = parse_memory(max_memory)
@@ -126,9 +132,40 @@ class TwiceDifferentiable:
         per-layer gradient before it is flattened into the row)."""
         return 2 * self.num_params * self.dtype.itemsize
 
-    def example_rows(self) -> int | None:
-        """How many examples' per-example gradients [rows, p] fit in `max_memory` at once (None: no budget)."""
-        return None if self.max_memory is None else self.max_memory // self._example_bytes()
+    def example_bytes(self, inputs: Any, targets: Tensor, vectors: int = 0) -> int:
+        """Working memory per example of one vectorised call with `vectors` vectors (0: per-example gradients).
+
+        A call holds the network's activations for each vector and for the forward and reverse pass, and a
+        per-example gradient row with its copy: itemsize × ((vectors + 2) · A + 2p), with A the activation
+        values of one example, measured once on the first example of the batch (which also checks that the
+        model and loss apply to it, with `batch_loss`'s message when they do not).
+        """
+        if self._activation_numel is None:
+            self._activation_numel = self._count_activations(inputs, targets)
+        return self.dtype.itemsize * ((vectors + 2) * self._activation_numel + 2 * self.num_params)
+
+    def compute_rows(self, inputs: Any, targets: Tensor, vectors: int = 0) -> int:
+        """Examples per vectorised call, so that its working memory (`example_bytes`) fits `max_memory`, or
+        `DEFAULT_COMPUTE_MEMORY` without a budget; at least one."""
+        budget = self.max_memory if self.max_memory is not None else DEFAULT_COMPUTE_MEMORY
+        return max(1, budget // self.example_bytes(inputs, targets, vectors))
+
+    def _count_activations(self, inputs: Any, targets: Tensor) -> int:
+        """Values that one example's forward pass produces: the output of every submodule, plus the input."""
+        one_inputs, one_targets = slice_batch(inputs, targets, 0, 1)
+        counted = [sum(t.numel() for t in tree_flatten(one_inputs)[0] if isinstance(t, Tensor))]
+
+        def count(module: nn.Module, args: Any, output: Any) -> None:
+            counted.append(sum(t.numel() for t in tree_flatten(output)[0] if isinstance(t, Tensor)))
+
+        handles = [module.register_forward_hook(count) for module in self.module.modules()]
+        try:
+            with self.evaluating(), torch.no_grad():
+                self.batch_loss(one_inputs, one_targets)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return sum(counted)
 
     # -- parameters ---------------------------------------------------------------------------------------
     @property
@@ -360,13 +397,18 @@ class TwiceDifferentiable:
                 submodule.training = training
 
 
-def check_finite(tensor: Tensor, stage: str, batch: int | None = None) -> Tensor:
+def check_finite(tensor: Tensor, stage: str, batch: int | None = None, *, inputs: Any = None,
+                 first_row: int | None = None) -> Tensor:
     """Return `tensor`, or raise NonFiniteError naming the stage and batch when it holds NaN or Inf.
 
     A NaN or Inf anywhere makes the sum non-finite, so one reduction (at memory speed) clears the common case;
-    only a non-finite sum, which may also be an overflow of finite values, is checked element by element.
+    only a non-finite sum, which may also be an overflow of finite values, is checked element by element. When
+    `batch` is a `BatchSpan` of several loader batches, the error names the loader batch to blame (from the
+    rows of `tensor` when it holds one per example from `first_row` on, or from non-finite `inputs`).
     """
     if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        if isinstance(batch, BatchSpan):
+            batch = batch.blame(tensor, first_row, inputs)
         raise NonFiniteError(
             stage,
             batch,
