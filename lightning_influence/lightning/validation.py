@@ -91,7 +91,8 @@ class ValidationSettings:
         fraction: α in (0, 1), the share of the training examples each subset keeps.
         seed: decides the subsets and every retraining's seed.
         output: what a retrained model is judged by, per query: ``"loss"`` (LDS against −loss) or ``"margin"``
-            (the correct logit minus the log-sum-exp of the others, for classifiers).
+            (the correct logit minus the log-sum-exp of the others, for classifiers). Under cross-entropy both
+            increase with the probability of the correct class, so their (rank) LDS agree; other losses differ.
         ceiling: retrain every subset with a second seed to measure the noise ceiling (doubles the cost).
         leave_one_out: retrain without each of the top-k helpful and top-k harmful examples of the first
             `leave_one_out_queries` queries (0: off).
@@ -197,16 +198,21 @@ def isolated_randomness() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _silence_lightning() -> None:
+    """No device banners or data-loader hints, K times over: Lightning's info logs and PossibleUserWarnings."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=PossibleUserWarning)
+
+
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
-    """No device banners or data-loader hints, K times over: Lightning's info logs and PossibleUserWarnings.
-    Entered once around all retrainings (each entry of `catch_warnings` would show once-only warnings again)."""
+    """`_silence_lightning` for the block, then the caller's logging level and warning filters again. Entered once
+    around all retrainings (each entry of `catch_warnings` would show once-only warnings again)."""
     logger = logging.getLogger("pytorch_lightning")
     level = logger.level
-    logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=PossibleUserWarning)
+            _silence_lightning()
             yield
     finally:
         logger.setLevel(level)
@@ -343,7 +349,7 @@ def _start_worker(retrainer: Retrainer) -> None:
     """Worker set-up: one intra-op thread (workers share the cores fairly), quiet Lightning, the retrainer."""
     global _WORKER
     torch.set_num_threads(1)
-    _quiet_lightning().__enter__()  # for the worker's whole life
+    _silence_lightning()  # for the worker's whole life
     _WORKER = retrainer
 
 
