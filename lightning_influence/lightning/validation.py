@@ -403,11 +403,9 @@ class ScoreSet:
     train_indices: list[int] | None = None
     query_indices: list[int] | None = None
 
-    def agree(self, what: str, indices: Sequence[int] | None, source: str) -> None:
+    def agree(self, what: str, indices: Sequence[int], source: str) -> None:
         """Record the dataset indices `what` ('train_indices' or 'query_indices') that `source` names; all
         sources must name the same ones."""
-        if indices is None:
-            return
         values = [int(i) for i in indices]
         known = getattr(self, what)
         if known is not None and known != values:
