@@ -1,7 +1,7 @@
 """Influence functions (Koh & Liang, 2017) for PyTorch models, on torch.func, with a Lightning callback.
 
-The engine runs without Lightning installed; `InfluenceCallback` (the only part that needs pytorch_lightning)
-is imported on first use.
+The engine runs without Lightning installed; `InfluenceCallback` and `validate` (the parts that need
+pytorch_lightning) are imported on first use.
 """
 
 from __future__ import annotations
@@ -65,13 +65,18 @@ __all__ = [
     "compute_self_influences",
     "fit_solver",
     "make_solver",
+    "validate",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """`InfluenceCallback` on first use, so that importing the engine does not import Lightning."""
+    """`InfluenceCallback` and `validate` on first use, so that importing the engine does not import Lightning."""
     if name == "InfluenceCallback":
         from lightning_influence.lightning.callback import InfluenceCallback
 
         return InfluenceCallback
+    if name == "validate":
+        from lightning_influence.lightning.validation import validate
+
+        return validate
     raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")

@@ -29,6 +29,11 @@ from lightning_influence.enums import InversionMethod
 from lightning_influence.errors import ResultMismatchError
 from lightning_influence.lightning.save_dir import default_save_dir, fresh_sibling
 from lightning_influence.lightning.strategy import distribution_for, refuse_unsupported_strategy
+from lightning_influence.lightning.validation import (
+    check_validate_option,
+    refuse_multiprocess_validation,
+    validate_after_fit,
+)
 from lightning_influence.model.data import BatchTransform, IndexedData
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
@@ -113,6 +118,9 @@ class InfluenceCallback(pl.Callback):
             run finish; either way training's checkpoints and logs are left intact.
         compute_on_fit_end: run in ``on_fit_end``; set False to call ``compute(trainer, module)`` yourself.
         timeout: seconds every collective of the influence computation may wait under DDP (default: 30 minutes).
+        validate: after the result is saved, judge it by retraining (`lightning_influence.validate`): True for the
+            defaults, or a dict of its options (e.g. ``{"module": MyModule, "num_subsets": 50}``); the report goes
+            to the loggers and to ``result.metadata["validation"]``. One-process trainers only.
 
     The options that decide the numbers are checked at construction and kept in ``self.arguments``
     (`InfluenceArguments`), which is saved with the result.
@@ -145,6 +153,7 @@ class InfluenceCallback(pl.Callback):
         on_error: OnError = "raise",
         compute_on_fit_end: bool = True,
         timeout: float | None = None,
+        validate: bool | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -169,6 +178,7 @@ class InfluenceCallback(pl.Callback):
         self.query_data = None if query_data is None else self._indexed(query_data, "query_data")
         self.training_data = None if training_data is None else self._indexed(training_data, "training_data")
         self.result: InfluenceResult | None = None
+        self.validation = check_validate_option(validate)
 
     def _indexed(self, data: Any, name: str) -> IndexedData:
         return IndexedData(data, batch_transform=self.batch_transform, name=name)
@@ -182,6 +192,8 @@ class InfluenceCallback(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_unsupported_strategy(trainer.strategy)  # before training, not after it
+        if self.validation is not None:
+            refuse_multiprocess_validation(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,6 +247,8 @@ class InfluenceCallback(pl.Callback):
                                    category=RuntimeWarning)
                     result = run(folder)
             self._report(result, trainer, distribution, training, query, folder)
+        if self.validation is not None:
+            validate_after_fit(self.validation, trainer, pl_module, result, training, query, self.loss_fn, folder)
         return result
 
     def _report(self, result: InfluenceResult, trainer: pl.Trainer, distribution: Distribution,
