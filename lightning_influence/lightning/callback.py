@@ -113,6 +113,9 @@ class InfluenceCallback(pl.Callback):
             run finish; either way training's checkpoints and logs are left intact.
         compute_on_fit_end: run in ``on_fit_end``; set False to call ``compute(trainer, module)`` yourself.
         timeout: seconds every collective of the influence computation may wait under DDP (default: 30 minutes).
+        describe: ``describe(input) -> str`` for one example's input (e.g. a tokenizer's decode), or its dotted
+            path; the report and TensorBoard's INFLUENCE tab show the text. Default: thumbnails for images, the
+            first feature values otherwise.
 
     The options that decide the numbers are checked at construction and kept in ``self.arguments``
     (`InfluenceArguments`), which is saved with the result.
@@ -145,6 +148,7 @@ class InfluenceCallback(pl.Callback):
         on_error: OnError = "raise",
         compute_on_fit_end: bool = True,
         timeout: float | None = None,
+        describe: str | Callable[[Any], str] | None = None,
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -155,6 +159,7 @@ class InfluenceCallback(pl.Callback):
         )
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
+        self.describe = _resolve_callable(describe, "describe")
         if params is not None and not (isinstance(params, str) or all(isinstance(p, str) for p in params)):
             raise TypeError(f"params must be a name, a glob pattern or a list of them, got {params!r}.")
         self.params = params
@@ -240,16 +245,17 @@ class InfluenceCallback(pl.Callback):
                     rank_zero_warn(f"{mismatch} This run's influence result goes to {str(folder)!r} instead.",
                                    category=RuntimeWarning)
                     result = run(folder)
-            self._report(result, trainer, distribution, training, query, folder)
+            self._report(result, trainer, distribution, training, query, folder, model)
         return result
 
     def _report(self, result: InfluenceResult, trainer: pl.Trainer, distribution: Distribution,
-                training: IndexedData, query: IndexedData, folder: Path) -> None:
+                training: IndexedData, query: IndexedData, folder: Path, model: TwiceDifferentiable) -> None:
         """Write the report once, by global rank zero, to the loggers and to `folder/report`."""
         with distribution.stage("reports"):
             if distribution.is_global_zero:
                 write_reports(result, train_data=training, query_data=query, top_k=self.top_k,
-                              folder=folder / "report", loggers=trainer.loggers, step=trainer.global_step)
+                              folder=folder / "report", loggers=trainer.loggers, step=trainer.global_step,
+                              model=model, describe=self.describe, batch_size=self.arguments.batch_size)
 
     def _loss(self, pl_module: nn.Module) -> LossFn:
         forward = getattr(type(pl_module), "forward", None)
