@@ -89,8 +89,8 @@ _SERVE = """
 import sys
 from tensorboard import default, program
 from lightning_influence.reports.dashboard import InfluencePlugin
-plugins = default.get_plugins() + [p for p in default.get_dynamic_plugins() if p is not InfluencePlugin]
-tensorboard = program.TensorBoard(plugins=plugins + [InfluencePlugin])
+plugins = default.get_plugins()  # TensorBoard's own and those registered by entry points
+tensorboard = program.TensorBoard(plugins=plugins + [InfluencePlugin] * (InfluencePlugin not in plugins))
 tensorboard.configure(argv=[None, "--logdir", sys.argv[1], "--port", "0", *sys.argv[2:]])
 sys.exit(tensorboard.main())
 """

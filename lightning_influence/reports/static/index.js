@@ -129,6 +129,8 @@ function kSelect(values, current, onchange, id) {
 function setMain(...children) {
   const main = document.getElementById("main");
   main.replaceChildren(...children);
+  main.dataset.run = state.run;
+  main.dataset.view = state.view;
   for (const tab of document.querySelectorAll(".view-tab")) {
     tab.classList.toggle("active", tab.dataset.view === state.view);
   }
@@ -297,8 +299,9 @@ async function refreshRuns() {
   runOptions();
   const now = state.runs.find((r) => r.name === state.run);
   if (!state.run || !now) {
-    const first = state.runs.find((r) => r.state === "complete") || state.runs[0];
-    await selectRun(first ? first.name : null);
+    const complete = state.runs.filter((r) => r.state === "complete");
+    const latest = complete.sort((a, b) => b.updated - a.updated)[0] || state.runs[0];  // the newest result
+    await selectRun(latest ? latest.name : null);
     runOptions();
   } else if (!before || now.state !== before.state || now.updated !== before.updated) {
     await selectRun(state.run);
