@@ -4,8 +4,8 @@
 - an `experiment` with `add_text` / `add_image` / `add_histogram` / `add_scalar` (TensorBoard's SummaryWriter):
   tables as text, grids as images, histograms, and the self-influence-by-rank series;
 - a W&B run (`wandb` installed): tables as `wandb.Table`, grids as `wandb.Image`;
-- an MLflow client with the logger's `run_id` (`mlflow` installed): the report folder as artifacts and the
-  tables through `log_table`.
+- an MLflow client with the logger's `run_id` (`mlflow` installed): the report's files as artifacts (the tables,
+  grids and `influence.md`; not the dashboard's `examples/` store) and the tables through `log_table`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def _wandb(run: Any, summaries: Summaries) -> None:
 
 
 def _mlflow(client: Any, run_id: str, summaries: Summaries) -> None:
-    client.log_artifacts(run_id, str(summaries.folder), artifact_path="influence_report")
+    for path in sorted(summaries.folder.iterdir()):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path="influence_report")
     for tag, (columns, rows) in summaries.tables.items():
         data = {column: [row[n] for row in rows] for n, column in enumerate(columns)}
         client.log_table(run_id, data=data, artifact_file=f"{tag}.json")
