@@ -21,7 +21,7 @@ from werkzeug.test import Client
 
 from lightning_influence import InfluenceResult
 from lightning_influence.reports.dashboard import InfluencePlugin
-from lightning_influence.reports.logdir import find_runs
+from lightning_influence.reports.logdir import find_runs, histogram_edges
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,3 +250,11 @@ def test_installed_entry_point_when_installed_from_this_tree():
     if not found:
         pytest.skip("lightning_influence is installed from another checkout without this entry point")
     assert InfluencePlugin in default.get_dynamic_plugins()
+
+
+def test_histogram_bins_never_mix_signs():
+    edges = histogram_edges(-1.0, 3.0, bins=40)
+    assert len(edges) == 41 and 0.0 in edges.tolist() and edges[0] == -1.0 and edges[-1] == 3.0
+    assert np.all(np.diff(edges) > 0)
+    assert histogram_edges(-5.0, -1.0, bins=4).tolist() == [-5.0, -4.0, -3.0, -2.0, -1.0]
+    assert histogram_edges(2.0, 2.0).tolist() == [1.5, 2.5]  # a constant row still gets a bar

@@ -235,3 +235,15 @@ def test_the_example_run_shows_its_flipped_labels_within_two_clicks(tmp_path, br
     if os.environ.get("INFLUENCE_DOCS_SCREENSHOTS"):
         for name in ("example_influence_tab", "example_self_influence", "example_images_tab"):
             shutil.copy(artifacts / f"{name}.png", ROOT / "docs" / f"{name}.png")
+        _side_by_side(tmp_path / "version_0" / "influence" / "report", ROOT / "docs" / "mislabeled_digits_report.png")
+
+
+def _side_by_side(report: Path, target: Path) -> None:
+    """The README's picture of the static report: query 0's grid beside the self-influence grid."""
+    from PIL import Image
+
+    left, right = (Image.open(report / name) for name in ("query_000.png", "self_influence.png"))
+    canvas = Image.new("RGB", (left.width + right.width + 24, max(left.height, right.height)), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 24, 0))
+    canvas.save(target)

@@ -56,6 +56,15 @@ def find_runs(logdir: Path) -> dict[str, Path]:
     return found
 
 
+def histogram_edges(low: float, high: float, bins: int = HISTOGRAM_BINS) -> np.ndarray:
+    """`bins` equal-width bins over [low, high], except that 0 is always an edge when the range holds both signs,
+    so that no bar mixes helpful and harmful scores."""
+    if not low < 0 < high:
+        return np.linspace(low, high, bins + 1) if high > low else np.array([low - 0.5, high + 0.5])
+    negative = min(bins - 1, max(1, round(bins * -low / (high - low))))
+    return np.concatenate([np.linspace(low, 0, negative + 1), np.linspace(0, high, bins - negative + 1)[1:]])
+
+
 def _stamp(path: Path) -> tuple[int, int] | None:
     try:
         status = path.stat()
@@ -158,7 +167,7 @@ class InfluenceRun:
             positions, scores = top_positions(row, k, largest)
             answer[kind] = [{**asdict(store.train.example(p)), "score": s} for p, s in zip(positions, scores)
                             if (s > 0 if largest else s < 0)]
-        counts, edges = np.histogram(row, bins=HISTOGRAM_BINS)
+        counts, edges = np.histogram(row, bins=histogram_edges(float(row.min()), float(row.max())))
         answer["histogram"] = {"counts": counts.tolist(), "edges": edges.tolist()}
         return answer
 

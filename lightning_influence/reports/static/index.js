@@ -117,6 +117,7 @@ function histogram(data, lines) {
   add("text", { x: pad, y: height - 8, class: "tick" }, low.toExponential(1));
   add("text", { x: width - pad, y: height - 8, class: "tick end" }, high.toExponential(1));
   add("text", { x: width / 2, y: height - 8, class: "tick middle" }, "score (count on a log scale)");
+  add("text", { x: 2, y: y(Math.max(...counts)) + 4, class: "tick" }, Math.max(...counts));
   return svg;
 }
 
