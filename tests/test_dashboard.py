@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Dashboard:
     """The plugin's WSGI apps, called as TensorBoard routes them."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: Path | str) -> None:
         self.plugin = InfluencePlugin(base_plugin.TBContext(logdir=str(logdir)))
         self.apps = self.plugin.get_plugin_apps()
 
@@ -165,9 +165,12 @@ def test_a_run_still_computing_then_complete_then_recomputed(tmp_path):
     assert [e["index"] for e in again["helpful"]] == [e["index"] for e in answer["harmful"]]
 
 
-def test_an_empty_log_dir_is_inactive(tmp_path):
+def test_an_empty_log_dir_or_none_is_inactive(tmp_path):
     assert not Dashboard(tmp_path).plugin.is_active()
-    assert not InfluencePlugin(base_plugin.TBContext(logdir="")).is_active()
+    without = Dashboard("")  # e.g. TensorBoard started with --logdir_spec
+    assert not without.plugin.is_active() and without.get("/runs")[1] == []
+    status, body, _ = without.get("/query", run="x", query=0)
+    assert status == 404 and "started without --logdir" in body["error"]
 
 
 def test_default_save_dirs_are_found(tmp_path):

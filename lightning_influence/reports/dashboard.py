@@ -29,7 +29,7 @@ from werkzeug import wrappers
 
 from lightning_influence.reports.examples import DASHBOARD_TOP, SELF_RANKING
 from lightning_influence.reports.images import png
-from lightning_influence.reports.logdir import RequestError, RunIndex, int_argument
+from lightning_influence.reports.logdir import InfluenceRun, RequestError, RunIndex, int_argument
 
 PLUGIN_NAME = "influence"
 _STATIC = {"/index.js": "text/javascript", "/style.css": "text/css"}
@@ -66,13 +66,13 @@ class InfluencePlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         super().__init__(context)
-        self._index = RunIndex(context.logdir or "")
+        self._index = RunIndex(context.logdir)
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Influence")
 
     def is_active(self) -> bool:
-        return bool(self._index.logdir.parts) and bool(self._index.runs())
+        return bool(self._index.runs())
 
     def get_plugin_apps(self) -> dict[str, Any]:
         handlers: dict[str, Handler] = {route: _static(route, kind) for route, kind in _STATIC.items()}
@@ -101,7 +101,7 @@ class InfluencePlugin(base_plugin.TBPlugin):
 
         return app
 
-    def _run(self, request: wrappers.Request) -> Any:
+    def _run(self, request: wrappers.Request) -> InfluenceRun:
         return self._index.get(request.args.get("run"))
 
     def _runs(self, request: wrappers.Request) -> list[dict[str, Any]]:

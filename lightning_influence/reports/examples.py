@@ -243,8 +243,8 @@ class _Texts:
             return handle.read(stop - start).decode("utf-8")
 
 
-def _optional(folder: Path, name: str, present: bool) -> np.ndarray | None:
-    return np.load(folder / name, mmap_mode="r") if present else None
+def _optional(folder: Path | None, name: str, present: bool) -> np.ndarray | None:
+    return np.load(folder / name, mmap_mode="r") if present and folder is not None else None
 
 
 class SplitReader:

@@ -227,8 +227,8 @@ class InfluenceRun:
 class RunIndex:
     """The runs under a log dir, rescanned at most every RESCAN_SECONDS (or when an unknown run is asked for)."""
 
-    def __init__(self, logdir: str | os.PathLike[str]) -> None:
-        self.logdir = Path(logdir)
+    def __init__(self, logdir: str | os.PathLike[str] | None) -> None:
+        self.logdir = Path(logdir) if logdir else None  # None: TensorBoard runs without --logdir (e.g. --logdir_spec)
         self._runs: dict[str, InfluenceRun] = {}
         self._scanned = -float("inf")
         self._lock = threading.Lock()
@@ -236,7 +236,7 @@ class RunIndex:
     def runs(self, fresh: bool = False) -> dict[str, InfluenceRun]:
         with self._lock:
             if fresh or time.monotonic() - self._scanned > RESCAN_SECONDS:
-                folders = find_runs(self.logdir) if self.logdir.is_dir() else {}
+                folders = find_runs(self.logdir) if self.logdir is not None and self.logdir.is_dir() else {}
                 kept = {n: r for n, r in self._runs.items() if folders.get(n) == r.folder}
                 self._runs = {n: kept.get(n) or InfluenceRun(n, f) for n, f in folders.items()}
                 self._scanned = time.monotonic()
@@ -247,6 +247,9 @@ class RunIndex:
             raise RequestError("Missing parameter 'run': the name of an influence run (see /runs).")
         run = self.runs().get(name) or self.runs(fresh=True).get(name)
         if run is None:
-            known = sorted(self.runs())
-            raise RequestError(f"Unknown run {name!r}; the runs under {str(self.logdir)!r} are {known}.", 404)
+            if self.logdir is None:
+                raise RequestError("TensorBoard was started without --logdir; the INFLUENCE tab reads the runs under "
+                                   "--logdir only.", 404)
+            raise RequestError(f"Unknown run {name!r}; the runs under {str(self.logdir)!r} are {sorted(self.runs())}.",
+                               404)
         return run
