@@ -100,7 +100,8 @@ sys.exit(tensorboard.main())
 def tensorboard(logdir: Path, *flags: str, timeout: float = 60.0) -> Iterator[str]:
     """TensorBoard serving `logdir` with the INFLUENCE plugin (also when the package is not installed from this
     tree, so its entry point is not registered), in a subprocess; yields its URL."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     process = subprocess.Popen([sys.executable, "-c", _SERVE, str(logdir), *flags], stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)
     try:

@@ -53,7 +53,8 @@ def test_runs_are_found_with_what_was_saved(logdir):
     root, result, _ = logdir
     status, runs, _ = Dashboard(root).get("/runs")
     assert status == 200
-    assert [(r["name"], r["state"]) for r in runs] == [("features/influence", "complete"), ("images/influence", "complete")]
+    assert [(r["name"], r["state"]) for r in runs] == [("features/influence", "complete"),
+                                                        ("images/influence", "complete")]
     images = runs[1]
     assert (images["num_queries"], images["num_train"]) == (result.num_queries, result.num_train)
     assert images["self_influence"] and images["predictions"] and images["thumbnails"] and not images["descriptions"]

@@ -179,6 +179,7 @@ def test_several_runs_and_a_run_that_finishes_while_the_tab_is_open(served, brow
     assert "(computing)" in runs.options[2].text
     assert runs.first_selected_option.get_attribute("value") == "features/influence"  # the newest result
     assert "features" in browser.find_element(By.CSS_SELECTOR, "#helpful-table tbody tr").text  # described
+    _screenshot(browser, artifacts / "influence_described_run.png")
     runs.select_by_value("late/influence")
     _wait(browser, lambda d: "still computing" in d.find_element(By.ID, "main").text)
 

@@ -156,7 +156,8 @@ async function showQueries() {
   const list = el("ol", { id: "query-list" }, queries.map((q) => el("li", {
     class: `query-item ${q.position === state.query ? "selected" : ""} ${q.suspect ? "is-suspect" : ""}`,
     "data-position": q.position, onclick: () => showQuery(q.position) },
-  thumbnail(q, "query"), el("span", {}, `query ${q.position}`, el("br"), `#${q.index} · label ${text(q.label)}`,
+  thumbnail(q, "query"), el("span", { class: "query-label" }, `query ${q.position}`, el("br"),
+    `#${q.index} · label ${text(q.label)}`,
     q.prediction !== null ? ` · pred ${q.prediction}` : ""))));
   setMain(el("div", { class: "split" }, el("aside", {}, el("h3", {}, `Queries (${queries.length})`), list),
     el("div", { id: "query-detail" }, "Loading…")));
@@ -184,8 +185,10 @@ async function showQueryDetail(position) {
     el("span", { class: "hint" }, "Positive score: the training example helped this query (removing it would ",
       "raise the query's loss); negative: it hurt.")),
     el("div", { class: "rankings" },
-      exampleTable("helpful-table", "Most helpful", "helpful", answer.helpful, "No training example has a positive score."),
-      exampleTable("harmful-table", "Most harmful", "harmful", answer.harmful, "No training example has a negative score.")),
+      exampleTable("helpful-table", "Most helpful", "helpful", answer.helpful,
+        "No training example has a positive score."),
+      exampleTable("harmful-table", "Most harmful", "harmful", answer.harmful,
+        "No training example has a negative score.")),
     el("section", { id: "histogram" }, el("h3", {}, `All ${state.info.num_train} scores of this query`),
       histogram(answer.histogram, lines)));
 }
@@ -209,12 +212,14 @@ async function showTrain(index) {
     "Pick a training example: click a train index in a table, or type its dataset index."));
   setMain(form, el("p", {}, "Loading…"));
   const answer = await api("train", { index, k: state.k });
+  const rank = `(rank ${answer.self_rank} of ${answer.num_train})`;
   const extra = answer.self_influence === undefined ? []
-    : [["self-influence", `${answer.self_influence.toExponential(3)} (rank ${answer.self_rank} of ${answer.num_train})`]];
+    : [["self-influence", `${answer.self_influence.toExponential(3)} ${rank}`]];
   const headers = ["input", "query", "dataset index", "label", "predicted", "score"];
   const block = (id, title, kind, rows, empty) => el("section", { class: `ranking ${kind}` }, el("h3", {}, title),
     rows.length ? table(id, headers, rows.map((q) => queryRow(q, kind))) : el("p", { class: "empty" }, empty));
-  setMain(form, el("div", { id: "train-view" }, exampleCard(answer.example, "train", `Training example #${index}`, extra),
+  const card = exampleCard(answer.example, "train", `Training example #${index}`, extra);
+  setMain(form, el("div", { id: "train-view" }, card,
     el("div", { class: "rankings" },
       block("helps-table", "Queries it helps most", "helpful", answer.helps, "It helps no query."),
       block("hurts-table", "Queries it hurts most", "harmful", answer.hurts, "It hurts no query."))));
@@ -287,11 +292,15 @@ async function selectRun(name) {
 }
 
 function runOptions() {
+  // Rebuilt only when something changed, so that a periodic refresh never closes an open list.
   const select = document.getElementById("run-select");
-  select.replaceChildren(...state.runs.map((r) => el("option", {
-    value: r.name, selected: r.name === state.run ? "selected" : null,
-  }, r.state === "complete" ? `${r.name} (${r.num_queries} queries × ${r.num_train} training examples)`
-    : `${r.name} (${r.state})`)));
+  const labels = state.runs.map((r) => [r.name, r.state === "complete"
+    ? `${r.name} (${r.num_queries} queries × ${r.num_train} training examples)` : `${r.name} (${r.state})`]);
+  if (JSON.stringify(labels) !== select.dataset.labels) {
+    select.dataset.labels = JSON.stringify(labels);
+    select.replaceChildren(...labels.map(([name, label]) => el("option", { value: name }, label)));
+  }
+  if (state.run !== null && select.value !== state.run) select.value = state.run;
 }
 
 async function refreshRuns() {
@@ -320,7 +329,8 @@ function header() {
 
 export async function render() {
   document.head.append(el("link", { rel: "stylesheet", href: "style.css" }));
-  document.body.append(header(), el("div", { id: "error", class: "error", hidden: "hidden" }), el("main", { id: "main" }));
+  const banner = el("div", { id: "error", class: "error", hidden: "hidden" });
+  document.body.append(header(), banner, el("main", { id: "main" }));
   try {
     await refreshRuns();
   } catch (error) {
