@@ -115,13 +115,14 @@ def _batches(data: IndexedData, dataset_indices: list[int], model: TwiceDifferen
             yield inputs, targets, losses.float().cpu(), None if predicted is None else predicted.cpu()
 
 
-def _describe(describe: Describe | None, value: Any, position: int, name: str) -> str:
+def _describe(describe: Describe | None, value: Any, index: int, name: str) -> str:
+    """The user's description of one input (cut to DESCRIPTION_CHARS), else its raw features."""
     if describe is None:
         return feature_text(value)
     try:
         text = describe(value)
     except Exception as error:
-        raise ValueError(f"describe failed on example {position} of {name} ({type(error).__name__}: {error}); it "
+        raise ValueError(f"describe failed on example {index} of {name} ({type(error).__name__}: {error}); it "
                          "must map one example's input to a string.") from error
     return str(text)[:DESCRIPTION_CHARS]
 
@@ -162,9 +163,10 @@ def _gather(data: IndexedData, dataset_indices: list[int], kept: np.ndarray, sid
     return columns
 
 
-def _save_split(folder: Path, data: IndexedData, indices: Tensor, named: np.ndarray | None,
+def _save_split(folder: Path, data: IndexedData, indices: Tensor, named: Callable[[], np.ndarray] | None,
                 model: TwiceDifferentiable | None, describe: Describe | None, batch_size: int) -> None:
-    """Gather and save one split; `named` are the positions to keep thumbnails for when not all fit (None: all)."""
+    """Gather and save one split; `named()` gives the positions to keep thumbnails for when not all fit (None:
+    keep all)."""
     folder.mkdir(parents=True)
     dataset_indices = [int(i) for i in indices]
     count = len(dataset_indices)
@@ -172,7 +174,7 @@ def _save_split(folder: Path, data: IndexedData, indices: Tensor, named: np.ndar
     describing = describe is not None or side is None
     per_example = (3 * side * side if side is not None else 0) + (DESCRIPTION_CHARS if describing else 0)
     keep_all = named is None or count * per_example <= ALL_EXAMPLES_BUDGET
-    kept = np.arange(count) if keep_all else named
+    kept = np.arange(count) if keep_all else named()
     columns = _gather(data, dataset_indices, kept, side, describing, model, describe, batch_size)
     atomic_save_array(folder / "indices.npy", np.asarray(dataset_indices, dtype=np.int64))
     _save_texts(folder, "label", columns.labels)
@@ -203,8 +205,8 @@ def save_examples(folder: str | Path, result: InfluenceResult, train_data: Index
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target)
     try:
-        _save_split(staging / "train", train_data, result.train_indices, named_positions(result), model, describe,
-                    batch_size)
+        _save_split(staging / "train", train_data, result.train_indices, lambda: named_positions(result), model,
+                    describe, batch_size)
         _save_split(staging / "query", query_data, result.query_indices, None, model, describe, batch_size)
         atomic_write_json(staging / MANIFEST, {"format_version": FORMAT_VERSION, "splits": list(SPLITS)})
         replace_folder(staging, target)
