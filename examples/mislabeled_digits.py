@@ -4,9 +4,11 @@ Trains a small network on scikit-learn's 8×8 digits with 10% of the training la
 `InfluenceCallback(self_influence=True)` computes, when fitting ends, the influence of every training image on
 a few validation images and the self-influence of every training image, writes a TensorBoard report and saves
 the tensors. The script then checks the top 10% of training images by self-influence for flipped labels and
-compares with the top 10% by training loss and with random picks.
+compares with the top 10% by training loss and with random picks. It saves the trained weights as a checkpoint and
+reuses the saved result on them, as the README shows.
 
     python examples/mislabeled_digits.py            # then: tensorboard --logdir runs/mislabeled_digits
+                                                    # and open the INFLUENCE tab
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import InfluenceCallback, InfluenceResult
+from lightning_influence import InfluenceCallback, InfluenceResult, TwiceDifferentiable
+from lightning_influence.reports import ExampleStore
 
 FLIP_FRACTION = 0.10
 WEIGHT_DECAY = 1e-3
@@ -33,6 +36,7 @@ class DigitNet(pl.LightningModule):
 
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__()
+        self.save_hyperparameters()
         self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh())
         self.classifier = nn.Linear(32, 10)
         self.loss_fn = F.cross_entropy
@@ -70,6 +74,17 @@ def noisy_digits(seed: int = 0) -> tuple[TensorDataset, TensorDataset, Tensor]:
     shift = torch.randint(1, 10, (len(flipped),), generator=generator)
     y_train[flipped] = (y_train[flipped] + shift) % 10  # always a different class
     return TensorDataset(x_train, y_train), TensorDataset(x_val, y_val), flipped.sort().values
+
+
+def reuse(checkpoint: Path, folder: Path, train_set: TensorDataset) -> str:
+    """The README's reuse snippet: load the weights and the saved result, score training examples again from the
+    saved factors, and compare with the saved scores."""
+    module = DigitNet.load_from_checkpoint(checkpoint, weights_only=True)
+    later = InfluenceResult.load(folder)
+    model = TwiceDifferentiable(module, module.loss_fn, params=later.metadata["parameter_names"])
+    new_scores = later.score(model, DataLoader(torch.utils.data.Subset(train_set, range(16)), batch_size=16))
+    difference = (new_scores - later.scores[:, :16]).abs().max() / later.scores[:, :16].abs().max()
+    return f"scored 16 training examples from the saved factors, relative difference {difference:.1e}"
 
 
 def main() -> None:
@@ -120,9 +135,16 @@ def main() -> None:
     print(f"  by training loss   {by_loss:4d}  ({by_loss / len(flipped):.0%} found)")
     print(f"  at random          {by_random:4d}  (expected {expected_random:.1f})")
     folder = Path(trainer.log_dir) / "influence"
+    suspects = torch.from_numpy(ExampleStore(folder / "report" / "examples").train.suspects.copy())
+    print(f"the report marks {int(suspects.sum())} training labels as suspect (the model predicts another class); "
+          f"{int((suspects & is_flipped).sum())} of them were flipped")
+    checkpoint = Path(trainer.log_dir) / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(checkpoint)  # the weights the result belongs to, for `InfluenceResult.score` later
     print(f"influence: {result.metadata['timings']['total_seconds']:.1f} s; tensors in {folder / 'result'}, "
-          f"report in {folder / 'report'}; total {time.perf_counter() - started:.0f} s")
-    print(f"view it: tensorboard --logdir {args.root}  (TEXT: tables, IMAGES: grids, HISTOGRAMS: scores)")
+          f"report in {folder / 'report'}, weights in {checkpoint}; total {time.perf_counter() - started:.0f} s")
+    print(f"reuse: {reuse(checkpoint, folder, train_set)}")
+    print(f"view it: tensorboard --logdir {args.root}, then open the INFLUENCE tab (also TEXT: tables, IMAGES: "
+          "grids, HISTOGRAMS: scores)")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def test_tensorboard_tables_name_the_functional_api_top_indices(image_run):
 
     accumulator = events(trainer.logger.log_dir)
     for query in range(3):
-        (event,) = accumulator.Tensors(f"influence/query_{query:03d}/text_summary")
+        (event,) = accumulator.Tensors(f"influence/text/query_{query:03d}/text_summary")
         markdown = event.tensor_proto.string_val[0].decode()
         top = expected[query].topk(4)
         helpful = [int(i) for i, s in zip(top.indices, top.values) if s > 0]
@@ -80,7 +80,7 @@ def test_tensorboard_tables_name_the_functional_api_top_indices(image_run):
         assert table_indices(markdown, "harmful") == harmful
         labels = re.findall(r"^\| helpful \| \d+ \| (\d+) \| (\d+) \|", markdown, flags=re.M)
         assert all(int(label) == int(train_set[int(i)][1]) for i, label in labels)
-    (event,) = accumulator.Tensors("influence/self_influence/text_summary")
+    (event,) = accumulator.Tensors("influence/text/self_influence/text_summary")
     self_markdown = event.tensor_proto.string_val[0].decode()
     ranked = [int(m) for m in re.findall(r"^\| \d+ \| (\d+) \|", self_markdown, flags=re.M)]
     assert ranked == result.self_influence.topk(4).indices.tolist()
@@ -89,13 +89,13 @@ def test_tensorboard_tables_name_the_functional_api_top_indices(image_run):
 def test_tensorboard_images_histograms_and_scalars(image_run):
     trainer, _, callback, _, _ = image_run
     tags = events(trainer.logger.log_dir).Tags()
-    assert tags["images"] == [f"influence/query_{q:03d}" for q in range(3)] + ["influence/self_influence"]
-    assert {"influence/scores", "influence/self_influence"} <= set(tags["histograms"])
+    assert tags["images"] == [f"influence/images/query_{q:03d}" for q in range(3)] + ["influence/images/self_influence"]
+    assert {"influence/histograms/scores", "influence/histograms/self_influence"} <= set(tags["histograms"])
     assert {"influence/total_seconds", "influence/num_train", "influence/self_influence_max"} <= set(tags["scalars"])
     assert {"train_loss", "val_loss"} <= set(tags["scalars"])  # training's own logs are still there
     accumulator = events(trainer.logger.log_dir)
-    (image,) = accumulator.Images("influence/query_000")
-    assert image.width > 3 * image.height  # the query beside its helpful and harmful examples
+    (image,) = accumulator.Images("influence/images/query_000")
+    assert image.width == 600  # sized for TensorBoard's image cards (reports/images.py)
 
 
 def test_files_on_disk_beside_the_tensors(image_run):
@@ -108,7 +108,7 @@ def test_files_on_disk_beside_the_tensors(image_run):
     assert sorted(p.name for p in report.glob("*.png")) == ["query_000.png", "query_001.png", "query_002.png",
                                                              "self_influence.png"]
     rows = (report / "top_influence.csv").read_text().splitlines()
-    assert rows[0] == "query,query_index,query_label,kind,rank,train_index,train_label,score"
+    assert rows[0].startswith("query,query_index,query_label,kind,rank,train_index,train_label,score,")
     first_helpful = [r for r in rows[1:] if r.startswith("0,0,") and ",helpful,1," in r][0]
     assert int(first_helpful.split(",")[5]) == loaded.top_helpful(0, 1).indices.item()
     assert "Highest self-influence" in (report / "influence.md").read_text()
@@ -134,7 +134,7 @@ def test_several_loggers_dict_batches_and_a_parameter_subset(tmp_path):
     torch.testing.assert_close(result.scores, expected, rtol=1e-5, atol=1e-7)
     metrics = (Path(csv.log_dir) / "metrics.csv").read_text()
     assert "influence/total_seconds" in metrics.splitlines()[0] and "train_loss" in metrics.splitlines()[0]
-    assert "influence/query_000/text_summary" in events(tensorboard.log_dir).Tags()["tensors"]
+    assert "influence/text/query_000/text_summary" in events(tensorboard.log_dir).Tags()["tensors"]
     assert events(tensorboard.log_dir).Tags()["images"] == []  # feature vectors are not images
     assert (Path(tensorboard.log_dir) / "influence" / "report" / "influence.md").is_file()
 

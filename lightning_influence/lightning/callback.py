@@ -121,6 +121,9 @@ class InfluenceCallback(pl.Callback):
         validate: after the result is saved, judge it by retraining (`lightning_influence.validate`): True for the
             defaults, or a dict of its options (e.g. ``{"module": MyModule, "num_subsets": 50}``); the report goes
             to the loggers and to ``result.metadata["validation"]``. One-process trainers only.
+        describe: ``describe(input) -> str`` for one example's input (e.g. a tokenizer's decode), or its dotted
+            path; the report and TensorBoard's INFLUENCE tab show the text. Default: thumbnails for images, the
+            first feature values otherwise.
 
     The options that decide the numbers are checked at construction and kept in ``self.arguments``
     (`InfluenceArguments`), which is saved with the result.
@@ -154,6 +157,7 @@ class InfluenceCallback(pl.Callback):
         compute_on_fit_end: bool = True,
         timeout: float | None = None,
         validate: bool | dict[str, Any] | None = None,
+        describe: str | Callable[[Any], str] | None = None,
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -164,6 +168,7 @@ class InfluenceCallback(pl.Callback):
         )
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
+        self.describe = _resolve_callable(describe, "describe")
         self.params = parameter_patterns(params)
         self.num_queries = positive_int("num_queries", num_queries, allow_none=True)
         self.query_indices = _check_indices(query_indices, "query_indices")
@@ -246,18 +251,19 @@ class InfluenceCallback(pl.Callback):
                     rank_zero_warn(f"{mismatch} This run's influence result goes to {str(folder)!r} instead.",
                                    category=RuntimeWarning)
                     result = run(folder)
-            self._report(result, trainer, distribution, training, query, folder)
+            self._report(result, trainer, distribution, training, query, folder, model)
         if self.validation is not None:
             validate_after_fit(self.validation, trainer, pl_module, result, training, query, self.loss_fn, folder)
         return result
 
     def _report(self, result: InfluenceResult, trainer: pl.Trainer, distribution: Distribution,
-                training: IndexedData, query: IndexedData, folder: Path) -> None:
+                training: IndexedData, query: IndexedData, folder: Path, model: TwiceDifferentiable) -> None:
         """Write the report once, by global rank zero, to the loggers and to `folder/report`."""
         with distribution.stage("reports"):
             if distribution.is_global_zero:
                 write_reports(result, train_data=training, query_data=query, top_k=self.top_k,
-                              folder=folder / "report", loggers=trainer.loggers, step=trainer.global_step)
+                              folder=folder / "report", loggers=trainer.loggers, step=trainer.global_step,
+                              model=model, describe=self.describe, batch_size=self.arguments.batch_size)
 
     def _loss(self, pl_module: nn.Module) -> LossFn:
         forward = getattr(type(pl_module), "forward", None)

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from lightning_influence.checks import flag, positive_int
 from lightning_influence.errors import warn_user
 from lightning_influence.model.data import IndexedData, progress_bar, split_batch, to_model
-from lightning_influence.reports import _png
+from lightning_influence.reports.images import png
 from lightning_influence.storage.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -670,7 +670,7 @@ def publish(report: ValidationReport, points: Scatter, found: ScoreSet, folder: 
     image = scatter_image(points)
     if folder is not None:
         atomic_write_json(folder / "validation.json", report.to_dict())
-        atomic_write_bytes(folder / "scatter.png", _png(image))
+        atomic_write_bytes(folder / "scatter.png", png(image))
     for logger in loggers:
         _log(logger, report, image, step)
     for result, result_folder in found.results:
