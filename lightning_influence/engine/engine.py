@@ -64,7 +64,6 @@ class InfluenceEngine:
         self.distribution = distribution if distribution is not None else Distribution()
         self.progress = progress
         self._solver = arguments.new_solver()
-        self._fitted = False
 
     # ---------------------------------------------------------------------------------------- stage 1: queries
     def query_gradients(self, query_data: IndexedData, query_indices: Sequence[int]) -> Tensor:
@@ -90,7 +89,7 @@ class InfluenceEngine:
     # ---------------------------------------------------------------------------------------- stage 2: curvature
     def fit(self) -> Solver:
         """The solver fitted to (H + λI) over the training data; collective, and done once per engine."""
-        if not self._fitted:
+        if not self._solver.is_fitted:
             operator = CurvatureOperator(
                 self.model, self.training_data, reducer=self.distribution.reducer, progress=self.progress,
                 curvature=self.arguments.curvature, block_diagonal=self.arguments.block_diagonal,
@@ -98,12 +97,7 @@ class InfluenceEngine:
             with self.model.evaluating():
                 operator.check()
                 self._solver.fit(operator, self.arguments.hessian_regularization)
-            self._fitted = True
         return self._solver
-
-    @property
-    def is_fitted(self) -> bool:
-        return self._fitted
 
     # ---------------------------------------------------------------------------------------- stage 3: factors
     def factors(self, rhs: Tensor) -> InverseHvpResult:
