@@ -23,6 +23,11 @@ class NonFiniteError(FloatingPointError):
         super().__init__(message)
         self.stage = stage
         self.batch = batch
+        self.hint = hint
+
+    def during(self, step: str) -> NonFiniteError:
+        """The same error with the step of the run it happened in named (e.g. "the influence factors")."""
+        return NonFiniteError(f"{self.stage}, while computing {step}", self.batch, self.hint)
 
 
 class InfluenceComputationError(RuntimeError):
