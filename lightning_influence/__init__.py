@@ -23,6 +23,7 @@ from lightning_influence.engine.functional import (
 )
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import (
+    ConvergenceError,
     InfluenceComputationError,
     NonFiniteError,
     NotFittedError,
@@ -37,6 +38,7 @@ from lightning_influence.storage.runs import compute_influence
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvergenceError",
     "CurvatureOperator",
     "DistributedReducer",
     "DistributedStageError",

@@ -30,6 +30,15 @@ class NonFiniteError(FloatingPointError):
         return NonFiniteError(f"{self.stage}, while computing {step}", self.batch, self.hint)
 
 
+class ConvergenceError(RuntimeError):
+    """A stage of an influence run did not converge, or gave values its inputs cannot give, under
+    ``on_unconverged="raise"``; `warnings` names each problem."""
+
+    def __init__(self, message: str, warnings: list[str]) -> None:
+        super().__init__(message)
+        self.warnings = warnings
+
+
 class InfluenceComputationError(RuntimeError):
     """A late stage failed; `partial` holds what was already computed (e.g. the influence factors)."""
 

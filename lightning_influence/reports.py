@@ -1,5 +1,9 @@
 """Reports of an `InfluenceResult`: tables, image grids, histograms and scalars, to loggers and to disk.
 
+An untrustworthy result (`InfluenceResult.trustworthy` False) is marked above every table, with why, and a
+convergence table lists each stage. Where the data gives the user's own IDs (`IndexedData.ids`), the tables
+have an ID column beside the index.
+
 Each logger gets what it supports: scalars through `log_metrics` (every Lightning logger), and text, images and
 histograms where its `experiment` has `add_text` / `add_image` / `add_histogram` (TensorBoard's SummaryWriter).
 A logger that fails is warned about, never raised from. The same tables (markdown and CSV) and grids (PNG)
@@ -39,6 +43,7 @@ class Row:
     train_index: int
     label: str
     score: float
+    train_id: str | None = None  # the user's own ID (`IndexedData.ids`), where there is one
 
 
 @dataclass
@@ -49,6 +54,7 @@ class QueryReport:
     query_index: int
     label: str
     rows: list[Row]
+    query_id: str | None = None
 
 
 def label_text(target: Any) -> str:
@@ -76,51 +82,91 @@ def build_tables(
                     | ({int(i) for i in self_top.indices} if self_top is not None else set()))
     train_inputs, train_targets = train_data.examples(needed)
     train = {index: (_pick(train_inputs, n), label_text(train_targets[n])) for n, index in enumerate(needed)}
+    train_ids = dict(zip(needed, train_data.ids(needed) or [None] * len(needed)))
     query_ids = [int(i) for i in result.query_indices]
     query_inputs, query_targets = query_data.examples(query_ids)
     queries = {index: (_pick(query_inputs, n), label_text(query_targets[n])) for n, index in enumerate(query_ids)}
+    own_query_ids = query_data.ids(query_ids) or [None] * len(query_ids)
 
     reports = []
     for m, (helpful, harmful) in enumerate(tops):
         # Only positive scores are listed as helpful and only negative ones as harmful.
-        rows = [Row(kind, rank + 1, int(i), train[int(i)][1], float(s))
+        rows = [Row(kind, rank + 1, int(i), train[int(i)][1], float(s), train_ids[int(i)])
                 for kind, top in (("helpful", helpful), ("harmful", harmful))
                 for rank, (i, s) in enumerate(zip(top.indices, top.scores))
                 if (float(s) > 0 if kind == "helpful" else float(s) < 0)]
-        reports.append(QueryReport(m, query_ids[m], queries[query_ids[m]][1], rows))
+        reports.append(QueryReport(m, query_ids[m], queries[query_ids[m]][1], rows, own_query_ids[m]))
     self_rows = []
     if self_top is not None:
-        self_rows = [Row("self", rank + 1, int(i), train[int(i)][1], float(s))
+        self_rows = [Row("self", rank + 1, int(i), train[int(i)][1], float(s), train_ids[int(i)])
                      for rank, (i, s) in enumerate(zip(self_top.indices, self_top.scores))]
     return reports, self_rows, train, queries
 
 
+def trust_banner(result: InfluenceResult) -> str:
+    """The mark above every table of an untrustworthy result (with why), or "" for a trustworthy one."""
+    if result.trustworthy:
+        return ""
+    return "**⚠ NOT TRUSTWORTHY:** " + " ".join(result.warnings) + " (see `influence/convergence`)\n\n"
+
+
+def _with_ids(cells: list[Any], position: int, own_id: str | None, with_ids: bool) -> list[Any]:
+    """`cells` with the ID inserted after the index at `position`, where the table has an ID column."""
+    return [*cells[: position + 1], own_id or "", *cells[position + 1 :]] if with_ids else cells
+
+
+def _markdown_rows(header: Sequence[Any], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table."""
+    line = lambda cells: "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"  # noqa: E731
+    return [line(header), line(["---"] * len(header)), *(line(cells) for cells in rows)]
+
+
 def query_markdown(report: QueryReport) -> str:
-    """A markdown table of one query's top helpful and harmful training examples."""
-    lines = [
-        f"**Query {report.position}** (dataset index {report.query_index}, label {report.label}). "
+    """A markdown table of one query's top helpful and harmful training examples (with an ID column where the
+    data gives IDs)."""
+    with_ids = any(r.train_id is not None for r in report.rows)
+    own = f", id {report.query_id}" if report.query_id is not None else ""
+    rows = [[r.kind, r.rank, r.train_index, r.label, f"{r.score:.4e}", r.train_id] for r in report.rows]
+    rows += [[kind, "–", f"none with a {sign} score", "", "", ""] for kind, sign in
+             (("helpful", "positive"), ("harmful", "negative")) if not any(r.kind == kind for r in report.rows)]
+    header = _with_ids(["", "rank", "train index", "label", "score"], 2, "id", with_ids)
+    return "\n".join([
+        f"**Query {report.position}** (dataset index {report.query_index}{own}, label {report.label}). "
         "Positive score: the training example helped (removing it would raise the query's loss).",
         "",
-        "| | rank | train index | label | score |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    lines += [f"| {r.kind} | {r.rank} | {r.train_index} | {r.label} | {r.score:.4e} |" for r in report.rows]
-    for kind, sign in (("helpful", "positive"), ("harmful", "negative")):
-        if not any(r.kind == kind for r in report.rows):
-            lines.append(f"| {kind} | – | none with a {sign} score | | |")
-    return "\n".join(lines)
+        *_markdown_rows(header, (_with_ids(cells[:5], 2, cells[5], with_ids) for cells in rows)),
+    ])
 
 
 def self_influence_markdown(rows: Sequence[Row]) -> str:
     """A markdown table of the training examples with the highest self-influence."""
-    lines = [
+    with_ids = any(r.train_id is not None for r in rows)
+    return "\n".join([
         "**Highest self-influence** (outliers and likely mislabelled examples)",
         "",
-        "| rank | train index | label | self-influence |",
-        "| --- | --- | --- | --- |",
-    ]
-    lines += [f"| {r.rank} | {r.train_index} | {r.label} | {r.score:.4e} |" for r in rows]
-    return "\n".join(lines)
+        *_markdown_rows(_with_ids(["rank", "train index", "label", "self-influence"], 1, "id", with_ids),
+                        (_with_ids([r.rank, r.train_index, r.label, f"{r.score:.4e}"], 1, r.train_id, with_ids)
+                         for r in rows)),
+    ])
+
+
+def convergence_markdown(result: InfluenceResult) -> str:
+    """A table of each stage's convergence, from the metadata's ``stages`` (empty without them)."""
+    stages = result.metadata.get("stages", {})
+    if not stages:
+        return ""
+    rows = []
+    for name, record in stages.items():
+        residual = record.get("max_relative_residual", record.get("max_relative_change"))
+        cells = [name, record.get("solves"), record.get("iterations", record.get("refine_iterations")),
+                 f"{residual:.2e}" if isinstance(residual, (int, float)) else None,
+                 {True: "yes", False: "**no**"}.get(record.get("converged")),
+                 record.get("negative"), record.get("beyond_bound")]
+        rows.append(["–" if c is None else c for c in cells])
+    header = ["stage", "solves", "iterations", "largest relative residual", "converged", "negative", "beyond ‖g‖/μ"]
+    lines = ["**Convergence** (per stage; every chunk's record is in metadata.json)", "", *_markdown_rows(header, rows)]
+    verdict = "Trustworthy." if result.trustworthy else "Not trustworthy: " + " ".join(result.warnings)
+    return "\n".join([*lines, "", verdict])
 
 
 def as_image(value: Any) -> np.ndarray | None:
@@ -199,16 +245,44 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def _csv(result: InfluenceResult, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A CSV table; an untrustworthy result's first line is a ``# NOT TRUSTWORTHY: ...`` comment."""
     buffer = io.StringIO()
+    if not result.trustworthy:
+        buffer.write("# NOT TRUSTWORTHY: " + " ".join(result.warnings).replace("\n", " ") + "\n")
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
 
 
+def _write_tables(folder: Path, result: InfluenceResult, reports: Sequence[QueryReport], self_rows: Sequence[Row],
+                  texts: dict[str, str]) -> None:
+    """influence.md (every table, each marked when untrustworthy) and the CSV tables, with ID columns where the
+    data gives IDs."""
+    atomic_write_text(folder / "influence.md", "\n\n".join(texts.values()) + "\n")
+    query_ids = any(r.query_id is not None for r in reports)
+    train_ids = any(row.train_id is not None for r in reports for row in r.rows)
+
+    def with_both(cells: list[Any], query_id: str | None, train_id: str | None) -> list[Any]:
+        return _with_ids(_with_ids(cells, 5, train_id, train_ids), 1, query_id, query_ids)
+
+    header = with_both(["query", "query_index", "query_label", "kind", "rank", "train_index", "train_label", "score"],
+                       "query_id", "train_id")
+    rows = (with_both([r.position, r.query_index, r.label, row.kind, row.rank, row.train_index, row.label,
+                       repr(row.score)], r.query_id, row.train_id) for r in reports for row in r.rows)
+    atomic_write_text(folder / "top_influence.csv", _csv(result, header, rows))
+    if self_rows:
+        with_ids = any(row.train_id is not None for row in self_rows)
+        atomic_write_text(folder / "self_influence.csv", _csv(
+            result, _with_ids(["rank", "train_index", "train_label", "self_influence"], 1, "train_id", with_ids),
+            (_with_ids([row.rank, row.train_index, row.label, repr(row.score)], 1, row.train_id, with_ids)
+             for row in self_rows)))
+
+
 def scalars(result: InfluenceResult) -> dict[str, float]:
-    """Numbers worth plotting: time taken, solver convergence, sizes, largest self-influence."""
+    """Numbers worth plotting: time taken, solver convergence, sizes, largest self-influence, and 1 or 0 for
+    whether the result is trustworthy."""
     meta = result.metadata
     values: dict[str, Any] = {
         "num_train": result.num_train,
@@ -217,6 +291,7 @@ def scalars(result: InfluenceResult) -> dict[str, float]:
     }
     for key in ("max_relative_residual", "iterations", "min_eigenvalue"):
         values[key] = meta.get("convergence", {}).get(key)
+    values["trustworthy"] = float(result.trustworthy)
     if result.self_influence is not None:
         values["self_influence_max"] = float(torch.as_tensor(result.self_influence).max())
     return {f"{TAG}/{k}": float(v) for k, v in values.items()
@@ -240,16 +315,13 @@ def write_reports(
     grids = {r.position: query_grid(r, queries[r.query_index][0], train) for r in reports}
     self_grid = self_influence_grid(self_rows, train)
 
-    markdown = "\n\n".join([query_markdown(r) for r in reports] + ([self_influence_markdown(self_rows)] if self_rows else []))
-    atomic_write_text(folder / "influence.md", markdown + "\n")
-    atomic_write_text(folder / "top_influence.csv", _csv(
-        ["query", "query_index", "query_label", "kind", "rank", "train_index", "train_label", "score"],
-        ([r.position, r.query_index, r.label, row.kind, row.rank, row.train_index, row.label, repr(row.score)]
-         for r in reports for row in r.rows)))
+    banner = trust_banner(result)
+    texts = {f"query_{r.position:03d}": banner + query_markdown(r) for r in reports}
     if self_rows:
-        atomic_write_text(folder / "self_influence.csv", _csv(
-            ["rank", "train_index", "train_label", "self_influence"],
-            ([row.rank, row.train_index, row.label, repr(row.score)] for row in self_rows)))
+        texts["self_influence"] = banner + self_influence_markdown(self_rows)
+    if result.metadata.get("stages"):
+        texts["convergence"] = convergence_markdown(result)
+    _write_tables(folder, result, reports, self_rows, texts)
     for position, grid in grids.items():
         if grid is not None:
             atomic_write_bytes(folder / f"query_{position:03d}.png", _png(grid))
@@ -258,15 +330,14 @@ def write_reports(
 
     numbers = scalars(result)
     for logger in loggers:
-        _report_to_logger(logger, result, reports, self_rows, grids, self_grid, numbers, step)
+        _report_to_logger(logger, result, texts, grids, self_grid, numbers, step)
     return folder
 
 
 def _report_to_logger(
     logger: Any,
     result: InfluenceResult,
-    reports: Sequence[QueryReport],
-    self_rows: Sequence[Row],
+    texts: dict[str, str],
     grids: dict[int, np.ndarray | None],
     self_grid: np.ndarray | None,
     numbers: dict[str, float],
@@ -278,10 +349,8 @@ def _report_to_logger(
             logger.log_metrics(numbers, step=step)
         experiment = getattr(logger, "experiment", None)
         if callable(getattr(experiment, "add_text", None)):
-            for report in reports:
-                experiment.add_text(f"{TAG}/query_{report.position:03d}", query_markdown(report), step)
-            if self_rows:
-                experiment.add_text(f"{TAG}/self_influence", self_influence_markdown(self_rows), step)
+            for tag, text in texts.items():
+                experiment.add_text(f"{TAG}/{tag}", text, step)
         if callable(getattr(experiment, "add_image", None)):
             for position, grid in grids.items():
                 if grid is not None:

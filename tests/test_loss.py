@@ -1,15 +1,26 @@
-"""The loss: refused when it sums over the batch, and named for the record."""
+"""The loss: refused when it sums over the batch, recorded with a result, and another one refused by `score()` and
+by a resumed run."""
 
 from __future__ import annotations
 
 import functools
 
 import pytest
+import torch
 import torch.nn.functional as F
 from helpers import classification_data, linear_model, loader
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from lightning_influence import TwiceDifferentiable, fit_solver
+from lightning_influence import (
+    IndexedData,
+    InfluenceArguments,
+    InfluenceResult,
+    ResultMismatchError,
+    TwiceDifferentiable,
+    compute_influence,
+    fit_solver,
+)
 from lightning_influence.model.loss import loss_identity
 
 
@@ -35,3 +46,21 @@ def test_the_loss_is_named_by_import_path_or_by_a_hash_of_what_decides_it():
     assert loss_identity(nn.CrossEntropyLoss()) == loss_identity(nn.CrossEntropyLoss())
     assert loss_identity(functools.partial(F.cross_entropy, label_smoothing=0.1)) != loss_identity(
         functools.partial(F.cross_entropy))
+
+
+def test_score_and_a_rerun_refuse_another_loss(tmp_path):
+    x, y = classification_data(30)
+    module = linear_model()
+    data = IndexedData(TensorDataset(x, y))
+    arguments = InfluenceArguments(method="direct", hessian_regularization=0.1)
+    mean = TwiceDifferentiable(module, F.cross_entropy)
+    result = compute_influence(mean, data, data, arguments, save_dir=tmp_path, query_indices=[0, 1])
+    assert result.metadata["loss"] == "torch.nn.functional.cross_entropy"
+    smoothed = TwiceDifferentiable(module, lambda o, t: F.cross_entropy(o, t, label_smoothing=0.2))
+    loaded = InfluenceResult.load(tmp_path)
+    with pytest.raises(ValueError, match=r"The model's loss '\S+<lambda>#\w+' differs from the loss this result was "
+                                         r"computed with \('torch.nn.functional.cross_entropy'\)"):
+        loaded.score(smoothed, loader(x, y))
+    torch.testing.assert_close(loaded.score(mean, loader(x, y)), result.scores)
+    with pytest.raises(ResultMismatchError, match=r"loss: stored 'torch.nn.functional.cross_entropy', now '\S+<lambda>#"):
+        compute_influence(smoothed, data, data, arguments, save_dir=tmp_path, query_indices=[0, 1])

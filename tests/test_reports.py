@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from lightning_influence import InfluenceResult
 from lightning_influence.model.data import IndexedData
@@ -111,7 +111,8 @@ def test_each_logger_gets_what_it_supports(tmp_path):
     assert step == 7
     assert metrics == pytest.approx({"influence/num_train": 5.0, "influence/num_queries": 2.0,
                                      "influence/total_seconds": 1.5, "influence/max_relative_residual": 1e-7,
-                                     "influence/iterations": 12.0, "influence/self_influence_max": 9.0})
+                                     "influence/iterations": 12.0, "influence/self_influence_max": 9.0,
+                                     "influence/trustworthy": 1.0})
     assert rich.logged == plain.logged
     assert rich.experiment.calls == [
         ("text", "influence/query_000"), ("text", "influence/query_001"), ("text", "influence/self_influence"),
@@ -142,3 +143,30 @@ def test_what_counts_as_an_image_and_a_label():
     assert label_text(torch.tensor(3)) == "3"
     assert label_text(torch.tensor([0.25])) == "0.25"
     assert label_text(torch.zeros(2, 3)) == "tensor(2, 3)"
+
+
+class Named(TensorDataset):
+    """A dataset that names its examples."""
+
+    def influence_id(self, position: int) -> str:
+        return f"img{position:03d}.png"
+
+
+def test_own_ids_come_from_index_fn_or_a_dataset_hook_through_wrappers(tmp_path):
+    base = Named(torch.randn(8, 5), torch.arange(8) % 3)
+    train = IndexedData(Subset(base, [7, 6, 5, 4, 3]), name="training_data")  # the hook is found through the Subset
+    assert train.ids([0, 4]) == ["img007.png", "img003.png"]
+    assert IndexedData(ConcatDataset([TensorDataset(torch.zeros(3, 5)), base])).ids([0, 3]) == ["", "img000.png"]
+    assert IndexedData(base, index_fn=lambda position: position * 10).ids([2]) == ["20"]
+    assert IndexedData(TensorDataset(torch.zeros(3, 5))).ids([0]) is None
+    with pytest.raises(ValueError, match=r"index_fn failed on a position of data \(ZeroDivisionError"):
+        IndexedData(base, index_fn=lambda position: 1 / 0).ids([0])
+    _, queries = _data(images=False)
+    write_reports(_result(), train_data=train, query_data=queries, top_k=2, folder=tmp_path)
+    assert "| | rank | train index | id | label | score |" in (tmp_path / "influence.md").read_text()
+    rows = list(csv.reader(io.StringIO((tmp_path / "top_influence.csv").read_text())))
+    assert rows[0] == ["query", "query_index", "query_label", "kind", "rank", "train_index", "train_id", "train_label",
+                       "score"]
+    assert all(row[6] == f"img{7 - int(row[5]):03d}.png" for row in rows[1:])
+    self_rows = list(csv.reader(io.StringIO((tmp_path / "self_influence.csv").read_text())))
+    assert self_rows[0] == ["rank", "train_index", "train_id", "train_label", "self_influence"]
