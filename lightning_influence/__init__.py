@@ -12,6 +12,7 @@ from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.curvature.reducer import DistributedReducer, LocalReducer, Reducer
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import DistributedStageError, Distribution
+from lightning_influence.engine.dry_run import dry_run
 from lightning_influence.engine.engine import InfluenceEngine
 from lightning_influence.engine.functional import (
     compute_influence_factors,
@@ -65,6 +66,7 @@ __all__ = [
     "compute_influences_pert",
     "compute_influences_up",
     "compute_self_influences",
+    "dry_run",
     "fit_solver",
     "make_solver",
 ]
