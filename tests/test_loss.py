@@ -62,5 +62,6 @@ def test_score_and_a_rerun_refuse_another_loss(tmp_path):
                                          r"computed with \('torch.nn.functional.cross_entropy'\)"):
         loaded.score(smoothed, loader(x, y))
     torch.testing.assert_close(loaded.score(mean, loader(x, y)), result.scores)
-    with pytest.raises(ResultMismatchError, match=r"loss: stored 'torch.nn.functional.cross_entropy', now '\S+<lambda>#"):
+    with pytest.raises(ResultMismatchError,
+                       match=r"loss: stored 'torch.nn.functional.cross_entropy', now '\S+<lambda>#"):
         compute_influence(smoothed, data, data, arguments, save_dir=tmp_path, query_indices=[0, 1])
