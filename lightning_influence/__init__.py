@@ -12,6 +12,7 @@ from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.curvature.reducer import DistributedReducer, LocalReducer, Reducer
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import DistributedStageError, Distribution
+from lightning_influence.engine.dry_run import dry_run
 from lightning_influence.engine.engine import InfluenceEngine
 from lightning_influence.engine.functional import (
     compute_influence_factors,
@@ -23,6 +24,7 @@ from lightning_influence.engine.functional import (
 )
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import (
+    ConvergenceError,
     InfluenceComputationError,
     NonFiniteError,
     NotFittedError,
@@ -37,6 +39,7 @@ from lightning_influence.storage.runs import compute_influence
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvergenceError",
     "CurvatureOperator",
     "DistributedReducer",
     "DistributedStageError",
@@ -63,6 +66,7 @@ __all__ = [
     "compute_influences_pert",
     "compute_influences_up",
     "compute_self_influences",
+    "dry_run",
     "fit_solver",
     "make_solver",
     "validate",

@@ -23,6 +23,20 @@ class NonFiniteError(FloatingPointError):
         super().__init__(message)
         self.stage = stage
         self.batch = batch
+        self.hint = hint
+
+    def during(self, step: str) -> NonFiniteError:
+        """The same error with the step of the run it happened in named (e.g. "the influence factors")."""
+        return NonFiniteError(f"{self.stage}, while computing {step}", self.batch, self.hint)
+
+
+class ConvergenceError(RuntimeError):
+    """A stage of an influence run did not converge, or gave values its inputs cannot give, under
+    ``on_unconverged="raise"``; `warnings` names each problem."""
+
+    def __init__(self, message: str, warnings: list[str]) -> None:
+        super().__init__(message)
+        self.warnings = warnings
 
 
 class InfluenceComputationError(RuntimeError):

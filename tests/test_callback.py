@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence import (
+    ConvergenceError,
     InfluenceCallback,
     InfluenceResult,
     TwiceDifferentiable,
@@ -189,16 +190,19 @@ def test_on_error_warn_keeps_checkpoints_and_logs(tmp_path):
 
     callback = InfluenceCallback(loss_fn=broken_loss, on_error="warn")
     trainer = make_trainer(tmp_path, callbacks=[callback], epochs=1, enable_checkpointing=True)
-    with pytest.warns(RuntimeWarning, match="influence computation failed.*loss exploded.*unaffected"):
+    with pytest.warns(RuntimeWarning, match="influence computation failed its dry run.*loss exploded.*unaffected"):
         trainer.fit(Classifier(), train_loader, val_loader)
-    assert callback.result is None
+    assert callback.result is None and trainer.global_step > 0  # trained all the same
     assert list(Path(trainer.log_dir).glob("checkpoints/*.ckpt"))
     assert "train_loss" in events(trainer.log_dir).Tags()["scalars"]
     assert trainer.state.finished
 
-    raising = InfluenceCallback(loss_fn=broken_loss, on_error="raise")
+    # a failure no dry run can foresee (cg stopping short, refused by on_unconverged="raise") comes after training,
+    # whose checkpoints stay
+    raising = InfluenceCallback(method="cg", method_kwargs={"maxiter": 1}, hessian_regularization=LAMBDA,
+                                on_unconverged="raise", on_error="raise")
     trainer = make_trainer(tmp_path / "raise", callbacks=[raising], epochs=1, enable_checkpointing=True)
-    with pytest.raises(ValueError, match="loss exploded"):
+    with pytest.raises(ConvergenceError, match="influence factors did not converge"):
         trainer.fit(Classifier(), train_loader, val_loader)
     assert list(Path(trainer.log_dir).glob("checkpoints/*.ckpt"))
 
@@ -221,6 +225,8 @@ class _Stream(IterableDataset):
         (dict(num_queries=0), ValueError, "num_queries must be a positive integer"),
         (dict(query_indices=[1, -2]), ValueError, "query_indices must be a non-empty list"),
         (dict(on_error="ignore"), ValueError, r"on_error must be one of \['raise', 'warn'\]"),
+        (dict(on_unconverged="skip"), ValueError, r"on_unconverged must be one of \['raise', 'warn', 'ignore'\]"),
+        (dict(index_fn=3), TypeError, "index_fn must be callable"),
         (dict(self_influence="yes"), TypeError, "self_influence must be True or False"),
         (dict(progress=1), TypeError, "progress must be True, False or None"),
         (dict(params=[1]), TypeError, "params must be a name"),

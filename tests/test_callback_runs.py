@@ -16,7 +16,8 @@ from lightning_influence import InfluenceArguments, InfluenceCallback, Influence
 
 def _fit(root: Path, *, seed: int, logger=False, **options) -> tuple[pl.Trainer, InfluenceCallback]:
     pl.seed_everything(seed, verbose=False)
-    callback = InfluenceCallback(method="direct", hessian_regularization=0.1, num_queries=2, **options)
+    callback = InfluenceCallback(method="direct", hessian_regularization=0.1, curvature="ggn", num_queries=2,
+                                 **options)
     trainer = make_trainer(root, logger=logger, callbacks=[callback], epochs=1)
     x, y = blobs(24, seed=seed)
     trainer.fit(Classifier(), *loaders(x, y, *blobs(6, seed=seed + 1)))

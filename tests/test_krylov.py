@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ExactReference, classification_data, fitted, loader, mlp_model
-from lightning_influence import TwiceDifferentiable, fit_solver, make_solver
+from lightning_influence import NonFiniteError, TwiceDifferentiable, fit_solver, make_solver
 from lightning_influence.solvers.krylov import block_conjugate_gradient, conjugate_gradient
 
 
@@ -84,3 +84,12 @@ def test_cg_solver_uses_block_cg_by_default_and_both_agree():
     assert make_solver("cg").block is True
     with pytest.raises(TypeError, match="block must be True or False"):
         make_solver("cg", block="yes")
+
+
+def test_a_singular_system_raises_the_documented_error_not_a_raw_linear_algebra_one():
+    singular = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)  # A = diag(1, 0, 0), as with λ = 0 on a flat Hessian
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"), pytest.raises(
+            NonFiniteError, match=r"in block conjugate gradient \(torch.linalg.solve: .*singular.*\)\. H \+ λI is "
+                                  r"singular or not positive definite .*hessian_regularization > 0"):
+        block_conjugate_gradient(lambda v: v * singular, torch.eye(3, dtype=torch.float64)[:2], lambda r: r,
+                                 rtol=1e-8, maxiter=10)

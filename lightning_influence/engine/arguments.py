@@ -1,9 +1,9 @@
 """`InfluenceArguments`: every choice that decides the numbers of an influence run, checked once.
 
-One frozen object holds the inversion method and its options, λ, the curvature options, the memory budget
-and the chunking. It is validated when it is built (so a Lightning callback fails at construction, not after
-training), handed unchanged down the engine, and its `to_dict()` is written into the result's metadata and
-compared when a run is resumed or a result reused.
+One frozen object holds the inversion method and its options, λ, the curvature options, the memory budget,
+the chunking, and what to do with a stage that did not converge. It is validated when it is built (so a
+Lightning callback fails at construction, not after training), handed unchanged down the engine, and its
+`to_dict()` is written into the result's metadata and compared when a run is resumed or a result reused.
 """
 
 from __future__ import annotations
@@ -11,18 +11,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from lightning_influence.checks import (
     Curvature,
     check_curvature,
     check_regularization,
     flag,
+    one_of,
     parse_memory,
     positive_int,
 )
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.solvers import Solver, make_solver
+
+
+#: What a run does with a stage that did not converge (`InfluenceArguments.on_unconverged`).
+OnUnconverged = Literal["raise", "warn", "ignore"]
+ON_UNCONVERGED: tuple[str, ...] = ("raise", "warn", "ignore")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,10 @@ class InfluenceArguments:
         chunk_batches: batches per stored chunk of scores (the unit of resuming).
         max_memory: bytes (or a string such as ``"2GB"``) for the per-example values held at once; None: the
             model's own budget (see `TwiceDifferentiable`).
+        on_unconverged: what a run does when a stage did not converge or gave values beyond what its inputs allow
+            (see `lightning_influence.engine.trust`): ``"raise"`` a `ConvergenceError` before saving anything,
+            ``"warn"`` and save the result marked untrustworthy, or ``"ignore"`` (still marked). It decides what
+            is saved, not the numbers, so it is not part of a run's identity.
     """
 
     method: InversionMethod | str = "cg"
@@ -53,6 +63,7 @@ class InfluenceArguments:
     batch_size: int = 64
     chunk_batches: int = 8
     max_memory: int | str | None = None
+    on_unconverged: OnUnconverged = "warn"
 
     def __post_init__(self) -> None:
         method = InversionMethod.parse(self.method)
@@ -70,6 +81,7 @@ class InfluenceArguments:
             "batch_size": positive_int("batch_size", self.batch_size),
             "chunk_batches": positive_int("chunk_batches", self.chunk_batches),
             "max_memory": parse_memory(self.max_memory),
+            "on_unconverged": one_of("on_unconverged", self.on_unconverged, ON_UNCONVERGED),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -229,6 +229,15 @@ class Distribution:
         count = self.reducer.sum(torch.tensor(float(condition), dtype=torch.float64, device=self._device()))
         return float(count) > 0
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every process's small picklable `value` (records, messages), in rank order, on every process
+        (collective; over the control group, so it never meets a data collective)."""
+        if not self.is_distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value, group=self.control_group)
+        return gathered
+
     def _device(self) -> torch.device:
         """Where the data group's tensors live: the current CUDA device under NCCL, else the CPU."""
         backend = torch.distributed.get_backend(self.group)

@@ -27,6 +27,7 @@ from lightning_influence.engine.scoring import (
     stacked_gradients,
     up_scores,
 )
+from lightning_influence.engine.trust import solve_record
 from lightning_influence.model.data import IndexedData, loader_length
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.solvers import InverseHvpResult, Solver
@@ -64,6 +65,8 @@ class InfluenceEngine:
         self.distribution = distribution if distribution is not None else Distribution()
         self.progress = progress
         self._solver = arguments.new_solver()
+        #: What each self-influence solve reported (`trust.solve_record`), until `take_solve_records`.
+        self.solve_records: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------------------------------- stage 1: queries
     def query_gradients(self, query_data: IndexedData, query_indices: Sequence[int]) -> Tensor:
@@ -148,7 +151,8 @@ class InfluenceEngine:
             return self._self_influences_in_rounds(data)
         if loader_length(data) == 0:
             return torch.zeros(0, dtype=self.model.dtype, device=self.model.device)
-        return self_influences(self.model, data, lambda block: solver.solve(block).x, progress=self.progress)
+        return self_influences(self.model, data, lambda block: self._recorded(block, solver.solve(block)),
+                               progress=self.progress)
 
     def _self_influences_in_rounds(self, data: Iterable[Any]) -> Tensor:
         """Self-influence with a collective solver: processes go batch round by batch round, solving the union
@@ -163,7 +167,18 @@ class InfluenceEngine:
                 if not self.distribution.any_process(block is not None):
                     return torch.cat(values)
                 block = empty if block is None else block
-                values.append((self._solve_local_rows(block).x * block).sum(1))
+                values.append((self._recorded(block, self._solve_local_rows(block)) * block).sum(1))
+
+    def _recorded(self, rhs: Tensor, result: InverseHvpResult) -> Tensor:
+        """`result.x`, once what its solve reported and the bounds it keeps are noted in `solve_records`."""
+        if rhs.shape[0]:
+            self.solve_records.append(solve_record(rhs, result.x, result.info, self.arguments.curvature))
+        return result.x
+
+    def take_solve_records(self) -> list[dict[str, Any]]:
+        """The records of the self-influence solves since the last call (one chunk's), leaving none."""
+        records, self.solve_records = self.solve_records, []
+        return records
 
     # ---------------------------------------------------------------------------------------- lockstep
     def _solves_together(self) -> bool:

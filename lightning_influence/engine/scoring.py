@@ -27,13 +27,23 @@ def gradients(
     is cut to that size), so the number of vectorised calls depends on the memory budget, not on the loader's
     batch size.
     """
-    batches = iterate_batches(data, model.device, model.dtype, name=name, progress=progress)
-    for index, inputs, targets in rebatched(batches, model.compute_rows):  # checks the loss on the first batch
+    batches = _first_checked(model, iterate_batches(data, model.device, model.dtype, name=name, progress=progress))
+    for index, inputs, targets in rebatched(batches, model.compute_rows):
         rows = model.compute_rows(inputs, targets)
         for start, stop in row_slices(batch_size(inputs), rows):
             piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
             block = model.example_gradients(piece_inputs, piece_targets)
             yield index, check_finite(block, f"per-example gradients of {name}", index, first_row=start)
+
+
+def _first_checked(model: TwiceDifferentiable, batches: Iterator[tuple[int, Any, Tensor]]
+                   ) -> Iterator[tuple[int, Any, Tensor]]:
+    """`batches` as they come, the first loader batch checked with `model.batch_loss`: a clear error for data that
+    does not fit the model or the loss, and for a non-scalar loss, before any vectorised call."""
+    for index, inputs, targets in batches:
+        if index == 0:
+            model.batch_loss(inputs, targets)
+        yield index, inputs, targets
 
 
 def stacked_gradients(model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False) -> Tensor:

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.checks import Curvature, flag, one_of, optional_flag, parameter_patterns, positive_int
-from lightning_influence.engine.arguments import InfluenceArguments
+from lightning_influence.engine.arguments import InfluenceArguments, OnUnconverged
 from lightning_influence.engine.distribution import Distribution
+from lightning_influence.engine.dry_run import dry_run
 from lightning_influence.enums import InversionMethod
 from lightning_influence.errors import ResultMismatchError
 from lightning_influence.lightning.save_dir import default_save_dir, fresh_sibling
@@ -35,6 +36,8 @@ from lightning_influence.lightning.validation import (
     validate_after_fit,
 )
 from lightning_influence.model.data import BatchTransform, IndexedData
+from lightning_influence.lightning.trainer_data import trainer_loader
+from lightning_influence.model.data import BatchTransform, IndexedData, IndexFn
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
@@ -124,9 +127,22 @@ class InfluenceCallback(pl.Callback):
         describe: ``describe(input) -> str`` for one example's input (e.g. a tokenizer's decode), or its dotted
             path; the report and TensorBoard's INFLUENCE tab show the text. Default: thumbnails for images, the
             first feature values otherwise.
+        on_unconverged: a stage that did not converge or gave values beyond what its inputs allow: ``raise`` a
+            `ConvergenceError` (nothing saved as a result), ``warn`` and save the result marked untrustworthy
+            (``result.trustworthy``, ``result.warnings``, and a mark above every table of the report), or
+            ``ignore`` (still marked).
+        index_fn: maps a position in the training dataset to your own ID of the example (a file name, a row id),
+            shown beside the index in the report's tables (a callable or a dotted path). Without it, a dataset's
+            ``influence_id(position)`` method gives the IDs, found through ``Subset`` and ``ConcatDataset``.
 
-    The options that decide the numbers are checked at construction and kept in ``self.arguments``
-    (`InfluenceArguments`), which is saved with the result.
+    Every index (in the result, the tables and the CSVs) is a position in the dataset the callback reads: with a
+    ``Subset`` a position in the subset, with a ``ConcatDataset`` one in the concatenation; a ``batch_transform``
+    does not change it. The options that decide the numbers are checked at construction and kept in
+    ``self.arguments`` (`InfluenceArguments`), which is saved with the result. When fitting starts, before the
+    first training step, a dry run (`dry_run`) tries the loss, one batch of per-example gradients and one of
+    query gradients, and checks ``top_k``, ``num_queries`` and ``query_indices`` against the data, so a
+    configuration that would fail after training fails before it (with ``on_error="warn"``: a warning, and no
+    computation when fitting ends).
     """
 
     # `str` comes first in the unions below: LightningCLI (jsonargparse) tries union members in order, and a name
@@ -158,14 +174,17 @@ class InfluenceCallback(pl.Callback):
         timeout: float | None = None,
         validate: bool | dict[str, Any] | None = None,
         describe: str | Callable[[Any], str] | None = None,
+        on_unconverged: OnUnconverged = "warn",
+        index_fn: str | IndexFn | None = None,
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
             method=method, method_kwargs=method_kwargs if method_kwargs is not None else {},
             hessian_regularization=hessian_regularization, curvature=curvature, block_diagonal=block_diagonal,
             influence_type=influence_type, self_influence=self_influence, batch_size=batch_size,
-            max_memory=max_memory,
+            max_memory=max_memory, on_unconverged=on_unconverged,
         )
+        self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
         self.describe = _resolve_callable(describe, "describe")
@@ -181,12 +200,14 @@ class InfluenceCallback(pl.Callback):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}.")
         self.timeout = None if timeout is None else datetime.timedelta(seconds=timeout)
         self.query_data = None if query_data is None else self._indexed(query_data, "query_data")
-        self.training_data = None if training_data is None else self._indexed(training_data, "training_data")
+        self.training_data = None if training_data is None else self._indexed(training_data, "training_data",
+                                                                                 self.index_fn)
         self.result: InfluenceResult | None = None
         self.validation = check_validate_option(validate)
+        self._dry_run_failed = False
 
-    def _indexed(self, data: Any, name: str) -> IndexedData:
-        return IndexedData(data, batch_transform=self.batch_transform, name=name)
+    def _indexed(self, data: Any, name: str, index_fn: IndexFn | None = None) -> IndexedData:
+        return IndexedData(data, batch_transform=self.batch_transform, name=name, index_fn=index_fn)
 
     @property
     @override
@@ -201,8 +222,27 @@ class InfluenceCallback(pl.Callback):
             refuse_multiprocess_validation(trainer)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The dry run, before the first training step: what would fail when fitting ends fails now."""
+        self._dry_run_failed = False
+        try:
+            with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+                model, training, query, query_indices = self._inputs(trainer, pl_module, announce=True)
+                dry_run(model, training, query, self.arguments, query_indices=query_indices)
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            self._dry_run_failed = True
+            rank_zero_warn(
+                f"The influence computation failed its dry run before training ({type(error).__name__}: {error}), "
+                "so it will not run when fitting ends. Training, its checkpoints and logs are unaffected; "
+                "on_error='warn' lets the run go on.",
+                category=RuntimeWarning,
+            )
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.compute_on_fit_end:
+        if self.compute_on_fit_end and not self._dry_run_failed:
             self.compute(trainer, pl_module)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult | None:
@@ -223,20 +263,31 @@ class InfluenceCallback(pl.Callback):
         return self.result
 
     # -- steps --------------------------------------------------------------------------------------------
-    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult:
+    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, announce: bool = False
+                ) -> tuple[TwiceDifferentiable, IndexedData, IndexedData, list[int] | None]:
+        """The model, the training and query data, and the query indices of a run; `top_k` is checked against N.
+        With `announce`, a `num_queries` beyond the query data is warned about (it is clamped to all of them)."""
         model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params,
                                     max_memory=self.arguments.max_memory)
         training = self.training_data
         if training is None:
-            training = self._indexed(self._trainer_data(trainer, "train"), "training_data")
+            training = self._indexed(trainer_loader(trainer, "train"), "training_data (the trainer's training data)",
+                                     self.index_fn)
         query = self.query_data
         if query is None:
-            query = self._indexed(self._trainer_data(trainer, "val"), "query_data")
+            query = self._indexed(trainer_loader(trainer, "val"), "query_data (the trainer's validation data)")
         if self.top_k > len(training):
-            raise ValueError(f"top_k={self.top_k} is larger than the number of training examples N={len(training)}.")
-        query_indices = self.query_indices
-        if query_indices is None and self.num_queries is not None:
-            query_indices = list(range(min(self.num_queries, len(query))))
+            raise ValueError(f"top_k={self.top_k} is larger than the number of training examples N={len(training)} "
+                             f"of {training.name}; pass top_k ≤ {len(training)}.")
+        if self.query_indices is not None or self.num_queries is None:
+            return model, training, query, self.query_indices
+        if announce and self.num_queries > len(query):
+            rank_zero_warn(f"num_queries={self.num_queries} is more than the {len(query)} examples of {query.name}; "
+                           f"the influence computation uses all {len(query)} of them.", category=UserWarning)
+        return model, training, query, list(range(min(self.num_queries, len(query))))
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult:
+        model, training, query, query_indices = self._inputs(trainer, pl_module)
         folder = Path(self.save_dir) if self.save_dir is not None else default_save_dir(trainer)
         progress = self.progress if self.progress is not None else trainer.progress_bar_callback is not None
         with distribution_for(trainer, timeout=self.timeout) as distribution:
@@ -282,24 +333,6 @@ class InfluenceCallback(pl.Callback):
             f"{type(pl_module).__name__} has no callable `loss_fn` or `criterion` attribute; pass "
             "InfluenceCallback(loss_fn=...) returning the batch mean loss, e.g. loss_fn='cross_entropy'."
         )
-
-    @staticmethod
-    def _trainer_data(trainer: pl.Trainer, stage: Literal["train", "val"]) -> Any:
-        """The trainer's training or first validation dataloader (falling back to the datamodule's)."""
-        loaders = trainer.train_dataloader if stage == "train" else trainer.val_dataloaders
-        if loaders is None and trainer.datamodule is not None:
-            loaders = getattr(trainer.datamodule, f"{stage}_dataloader")()
-        if isinstance(loaders, (list, tuple)) and loaders:
-            loaders = loaders[0]
-        argument = "training_data" if stage == "train" else "query_data"
-        if loaders is None:
-            where = "training" if stage == "train" else "validation"
-            raise ValueError(f"The trainer has no {where} dataloader to take data from; pass {argument}=... .")
-        if not isinstance(loaders, DataLoader):
-            raise TypeError(
-                f"The trainer's {stage} data is a {type(loaders).__name__}, not one DataLoader; pass {argument}=... ."
-            )
-        return loaders
 
 
 def _check_save_dir(save_dir: Any) -> str | os.PathLike[str] | None:

@@ -3,17 +3,21 @@ moved onto the model's device and dtype."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, default_collate
 
 T = TypeVar("T")
 #: Maps a collated batch to (inputs, targets) when tuples, lists and dicts with known keys do not suffice.
 BatchTransform = Callable[[Any], Any]
+
+#: Maps a position in a dataset to the user's own ID of that example (a file name, a row id).
+IndexFn = Callable[[int], Any]
 
 #: Key pairs tried, in order, when a batch is a dict.
 DICT_KEY_PAIRS: tuple[tuple[str, str], ...] = (
@@ -234,18 +238,39 @@ def _apply_transform(transform: BatchTransform, batch: Any, name: str) -> Any:
         ) from error
 
 
+def _hooked_id(dataset: Any, position: int) -> Any:
+    """The `influence_id(position)` of the dataset holding example `position`, looked up through `Subset` and
+    `ConcatDataset` wrappers; None when no dataset on the way defines it."""
+    while not callable(getattr(dataset, "influence_id", None)):
+        if isinstance(dataset, Subset):
+            dataset, position = dataset.dataset, int(dataset.indices[position])
+        elif isinstance(dataset, ConcatDataset):
+            which = bisect.bisect_right(dataset.cumulative_sizes, position)
+            position -= dataset.cumulative_sizes[which - 1] if which else 0
+            dataset = dataset.datasets[which]
+        else:
+            return None
+    return dataset.influence_id(position)
+
+
 class IndexedData:
     """A map-style dataset read by dataset index in a fixed order, batched with its own collate function.
+
+    An index is a position in the dataset given here (`dataset[index]`): with a `Subset` a position in the subset,
+    with a `ConcatDataset` a position in the concatenation; a `batch_transform` does not change it. The user's own
+    IDs come from `index_fn(position)` or, without it, from an ``influence_id(position)`` method of the dataset
+    (found through `Subset` and `ConcatDataset`); see `ids`.
 
     Args:
         data: a map-style `Dataset`, or a `DataLoader` whose dataset and collate function are used (its
             sampler and shuffling are ignored, so indices stay those of the dataset).
         batch_transform: maps a collated batch to `(inputs, targets)` when tuples/lists/dicts do not suffice.
         name: how errors refer to this data.
+        index_fn: maps a position in this dataset to the user's own ID of the example, for reports.
     """
 
     def __init__(self, data: Dataset | DataLoader, *, batch_transform: BatchTransform | None = None,
-                 name: str = "data") -> None:
+                 name: str = "data", index_fn: IndexFn | None = None) -> None:
         collate: Callable[[list[Any]], Any] = default_collate
         dataset: Any = data
         if isinstance(data, DataLoader):
@@ -263,12 +288,14 @@ class IndexedData:
             )
         if len(dataset) == 0:
             raise ValueError(f"{name} is empty; pass a dataset with at least one example.")
-        if batch_transform is not None and not callable(batch_transform):
-            raise TypeError(f"batch_transform must be callable as batch_transform(batch), got {batch_transform!r}.")
+        for option, value in (("batch_transform", batch_transform), ("index_fn", index_fn)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{option} must be callable, got {value!r}.")
         self.dataset = dataset
         self.collate_fn = collate
         self.batch_transform = batch_transform
         self.name = name
+        self.index_fn = index_fn
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -282,7 +309,10 @@ class IndexedData:
             raise ValueError(f"{what} is empty; pass at least one dataset index.")
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(self)]
         if bad:
-            raise ValueError(f"{what} must be integers in [0, {len(self)}) for {self.name}, got {bad[:5]}.")
+            raise ValueError(
+                f"{what} must be integers in [0, {len(self)}): they are positions in {self.name}, a "
+                f"{type(self.dataset).__name__} of {len(self)} examples; got {bad[:5]}."
+            )
         if len(set(values)) != len(values):
             raise ValueError(f"{what} repeats dataset indices; each example may appear once.")
         return values
@@ -299,3 +329,17 @@ class IndexedData:
         if self.batch_transform is not None:
             batch = _apply_transform(self.batch_transform, batch, self.name)
         return split_batch(batch)
+
+    def ids(self, indices: Sequence[int]) -> list[str] | None:
+        """The user's own IDs of the examples at `indices`, as text: from `index_fn`, else from the datasets'
+        ``influence_id`` (empty where a wrapped dataset lacks it); None when there is neither."""
+        if self.index_fn is not None:
+            try:
+                return [str(self.index_fn(int(i))) for i in indices]
+            except Exception as error:
+                raise ValueError(
+                    f"index_fn failed on a position of {self.name} ({type(error).__name__}: {error}); it must map a "
+                    f"position in [0, {len(self)}) to the example's ID."
+                ) from error
+        found = [_hooked_id(self.dataset, int(i)) for i in indices]
+        return None if all(f is None for f in found) else ["" if f is None else str(f) for f in found]

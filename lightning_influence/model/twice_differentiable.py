@@ -20,7 +20,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_influence.checks import flag, parameter_patterns, parse_memory, positive_int
 from lightning_influence.model.data import BatchSpan, slice_batch
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
+from lightning_influence.model.data import batch_size, slice_batch
 from lightning_influence.model.layers import LayerStructure
+from lightning_influence.model.loss import loss_identity, summed_over_batch
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -207,9 +209,12 @@ class TwiceDifferentiable:
             if is_out_of_memory(error):
                 raise
             shapes = tree_map(lambda t: tuple(t.shape) if isinstance(t, Tensor) else t, (inputs, targets))
+            dtypes = tree_map(lambda t: str(t.dtype).removeprefix("torch.") if isinstance(t, Tensor) else t,
+                              (inputs, targets))
             raise ValueError(
-                f"The model and loss could not be applied to a batch with (inputs, targets) shapes {shapes}: "
-                f"{error}. Check that the data matches the model's expected input and the loss's targets."
+                f"The model and loss could not be applied to a batch with (inputs, targets) shapes {shapes} and "
+                f"dtypes {dtypes}: {error}. Check that the data matches the model's expected input and the loss's "
+                "targets (e.g. integer class labels for cross_entropy)."
             ) from error
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -217,6 +222,29 @@ class TwiceDifferentiable:
                 f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean'."
             )
         return loss
+
+    @property
+    def loss_name(self) -> str:
+        """The loss as recorded with a result (see `lightning_influence.model.loss.loss_identity`)."""
+        return loss_identity(self.loss_fn)
+
+    def check_mean_loss(self, inputs: Any, targets: Tensor) -> None:
+        """Refuse a loss summed over the batch: influence assumes L = (1/N) Σ ℓ, and a sum scales the curvature
+        and every score by the batch size. Compares the loss of a batch of at least two examples with its halves'."""
+        size = batch_size(inputs)
+        if size < 2:
+            return
+        half, flat = size // 2, self.flat_params()
+        with torch.no_grad():
+            whole, first, second = (float(self._batch_loss(flat, *slice_batch(inputs, targets, start, stop)))
+                                    for start, stop in ((0, size), (0, half), (half, size)))
+        if summed_over_batch(whole, first, second, half, size - half):
+            raise ValueError(
+                f"loss_fn sums over the batch instead of averaging: on the first training batch ({size} examples) "
+                f"its value {whole:.6g} equals the sum of its two halves' losses ({first:.6g} + {second:.6g}), not "
+                "their mean. Influence assumes the batch mean, L = (1/N) Σ ℓ: use reduction='mean' (the default of "
+                "torch's losses) instead of reduction='sum', or divide the sum by the batch size."
+            )
 
     # -- first derivatives --------------------------------------------------------------------------------
     @property
@@ -341,13 +369,15 @@ class TwiceDifferentiable:
         return self.batch_ggn_vp(inputs, targets, identity)
 
     def check_second_order(self, inputs: Any, targets: Tensor) -> None:
-        """Fail early, with the reason, when the loss on this batch is not a scalar or has no usable curvature.
+        """Fail early, with the reason, when the loss on this batch is not a scalar, is summed over the batch
+        (`check_mean_loss`), or has no usable curvature.
 
         One Hessian-vector product with a fixed random probe: an error from torch.func means the loss cannot be
         differentiated twice; an exactly zero product means the loss is detached from the selected parameters
         or piecewise linear in them, where second-order influence is undefined.
         """
         self.batch_loss(inputs, targets)
+        self.check_mean_loss(inputs, targets)
         generator = torch.Generator(device="cpu").manual_seed(0)
         probe = torch.randn(1, self.num_params, generator=generator, dtype=self.dtype).to(self.device)
         try:

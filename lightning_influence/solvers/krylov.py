@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_influence.errors import warn_user
+from lightning_influence.errors import NonFiniteError, warn_user
+
+#: What to do when a Krylov loop meets a singular or indefinite H + λI (most often λ = 0).
+SINGULAR_HINT = (
+    "H + λI is singular or not positive definite (as with hessian_regularization=0 on most networks): use "
+    "hessian_regularization > 0 (or 'auto'), or curvature='ggn' with λ > 0."
+)
+
+
+def _linear_algebra_failures_named(loop: Callable[..., Any]) -> Callable[..., Any]:
+    """`loop`, with a failure of its small dense linear algebra (an SVD of non-finite directions, a singular
+    r × r system) raised as the documented NonFiniteError instead of torch's raw LinAlgError."""
+
+    @functools.wraps(loop)
+    def named(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return loop(*args, **kwargs)
+        except torch.linalg.LinAlgError as error:
+            raise NonFiniteError(f"block conjugate gradient ({error})", hint=SINGULAR_HINT) from error
+
+    return named
 
 
 def conjugate_gradient(
@@ -57,6 +78,7 @@ def conjugate_gradient(
     return solution, _report(iterations, residual.norm(dim=1), rhs_norm, threshold)
 
 
+@_linear_algebra_failures_named
 def block_conjugate_gradient(
     apply: Callable[[Tensor], Tensor],
     rhs: Tensor,

@@ -27,7 +27,7 @@ from lightning_influence.storage.files import (
     tensor_digest,
 )
 from lightning_influence.engine.functional import compute_influences_up
-from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 #: Bumped whenever the folder layout changes; a folder with another version is refused on load.
 FORMAT_VERSION = 2
@@ -60,8 +60,11 @@ class InfluenceResult:
         train_indices: dataset index of each training example (column), [N].
         factors: influence factors s_test = (H + λI)⁻¹ ∇θ ℓ(z_test), [M, p]; `score` reuses them.
         self_influence: ⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩ per training example, [N], or None.
-        metadata: method, options, λ, N, M, parameter names, convergence info, timings, versions.
+        metadata: method, options, λ, N, M, parameter names, the loss, each stage's convergence (``stages``),
+            whether the result can be trusted (``trustworthy``, ``warnings``), timings, versions.
         perturbation: I_pert [M, N, *input_shape] when influence_type was 'perturbation', else None.
+
+    Indices are positions in the datasets the run was given (see `IndexedData`), not in a dataset they wrap.
     """
 
     scores: Tensor
@@ -89,6 +92,16 @@ class InfluenceResult:
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} to match scores [M={m}, N={n}], got "
                                  f"{tuple(tensor.shape)}.")
+
+    @property
+    def trustworthy(self) -> bool:
+        """False when a stage did not converge or gave values beyond what its inputs allow (see `warnings`)."""
+        return bool(self.metadata.get("trustworthy", True))
+
+    @property
+    def warnings(self) -> list[str]:
+        """Why the result is not trustworthy, one sentence per problem; empty when it is."""
+        return list(self.metadata.get("warnings", []))
 
     @property
     def num_queries(self) -> int:
@@ -133,14 +146,19 @@ class InfluenceResult:
     def score(self, model: TwiceDifferentiable, data: Iterable[Any], *, progress: bool = False) -> Tensor:
         """Influence [M, N_new] of new training batches on the saved queries, reusing the saved factors.
 
-        `model` must be the model the result was computed with (same weights and parameter selection); this is
-        checked against the saved parameter hash, since factors of other weights would give wrong numbers.
+        `model` must be the model the result was computed with (same weights, parameter selection and loss); this
+        is checked against the saved metadata, since factors of other weights or another loss give wrong numbers.
         """
         if not isinstance(model, TwiceDifferentiable):
             raise TypeError(
                 f"model must be a TwiceDifferentiable, got {type(model).__name__}; wrap the module as "
                 "TwiceDifferentiable(module, loss_fn, params=result.metadata['parameter_names'])."
             )
+        self._check_model(model)
+        return compute_influences_up(model, data, self.factors, progress=progress)
+
+    def _check_model(self, model: TwiceDifferentiable) -> None:
+        """Refuse a model whose parameter selection, weights or loss differ from the saved ones."""
         names = self.metadata.get("parameter_names")
         if names is not None and list(names) != model.param_names:
             raise ValueError(
@@ -153,11 +171,17 @@ class InfluenceResult:
                 "The model's weights differ from the weights this result was computed with (parameter hash "
                 "mismatch); saved factors only score data for the same weights. Load the same checkpoint."
             )
-        return compute_influences_up(model, data, self.factors, progress=progress)
+        loss = self.metadata.get("loss")
+        if loss is not None and loss != model.loss_name:
+            raise ValueError(
+                f"The model's loss {model.loss_name!r} differs from the loss this result was computed with ({loss!r}); "
+                "saved factors only score data for the same loss. Wrap the module with that loss_fn."
+            )
 
     # -- storage ------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result to folder `path` (created or replaced as a whole); returns the path."""
+        """Write the result to folder `path` (created or replaced as a whole); returns the path. Non-finite
+        values are refused (NonFiniteError naming the array), so no saved result holds NaN or Inf."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = staging_folder(target)
@@ -166,6 +190,7 @@ class InfluenceResult:
             for name in _ARRAYS:
                 value = getattr(self, name)
                 if value is not None:
+                    check_finite(torch.as_tensor(value), f"the result's {name}")
                     atomic_save_array(staging / f"{name}.npy", value)
                     stored.append(name)
             metadata = {**self.metadata, "format_version": FORMAT_VERSION, "arrays": stored, "complete": True}

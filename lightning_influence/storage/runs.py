@@ -9,9 +9,13 @@ finished chunks and ends bit-identical to an uninterrupted run. The folder looks
       partial/                 while running: manifest.json (the run's identity), factors, per-rank chunks
       result/                  when done: the InfluenceResult folder (metadata.json written last)
 
-A run is identified by its `InfluenceArguments` (all but `self_influence`, which a finished run can add), the
-model's weights and parameters, the data and the queries; a folder written for another run is refused with
-the differences named. No mathematics lives here: the engine does it.
+A run is identified by its `InfluenceArguments` (all but `self_influence`, which a finished run can add, and
+`on_unconverged`), the loss, the model's weights and parameters, the data and the queries; a folder written for
+another run is refused with the differences named. Every stage's convergence goes into the metadata
+(``stages``: the factors' solve, and each chunk's record, with every self-influence solve in it), checked with
+`lightning_influence.engine.trust`; a run that fails those checks is saved marked untrustworthy (``trustworthy``,
+``warnings``) or refused, as `on_unconverged` says. No non-finite chunk is stored. No mathematics lives here:
+the engine does it.
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ from torch import Tensor
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.engine import InfluenceEngine
+from lightning_influence.engine.trust import (
+    chunked_warnings,
+    merge_records,
+    record_warnings,
+    solve_record,
+    stage_summary,
+)
 from lightning_influence.enums import InfluenceType
-from lightning_influence.errors import ResultMismatchError
+from lightning_influence.errors import ConvergenceError, NonFiniteError, ResultMismatchError, warn_user
 from lightning_influence.model.data import IndexedData, progress_bar
-from lightning_influence.model.twice_differentiable import TwiceDifferentiable
+from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
+from lightning_influence.solvers.krylov import SINGULAR_HINT
 from lightning_influence.storage.files import (
     atomic_save_array,
     atomic_write_json,
@@ -53,7 +65,7 @@ __all__ = ["ChunkHook", "compute_influence", "run_identity"]
 #: Metadata fields that, with the digests under "fingerprint", decide whether two runs are the same run.
 _IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
                     "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
-                    "num_train", "num_queries", "chunk_size", "world_size")
+                    "num_train", "num_queries", "chunk_size", "world_size", "loss")
 
 
 def versions() -> dict[str, str]:
@@ -138,10 +150,15 @@ class _PartialRun:
     def done(self, stage: str, chunk: int) -> bool:
         return (stage, chunk) in self.finished and self._chunk_file(stage, chunk).is_file()
 
-    def save_chunk(self, stage: str, chunk: int, block: Tensor) -> None:
+    def save_chunk(self, stage: str, chunk: int, block: Tensor, record: dict[str, Any]) -> None:
+        atomic_write_json(self._chunk_file(stage, chunk).with_suffix(".json"), to_jsonable(record))
         atomic_save_array(self._chunk_file(stage, chunk), block)
         self.finished.add((stage, chunk))
         atomic_write_json(self.progress_file, {"finished": sorted(self.finished)})
+
+    def load_record(self, stage: str, chunk: int) -> dict[str, Any]:
+        """The record stored with a finished chunk (written before the chunk itself)."""
+        return read_json(self._chunk_file(stage, chunk).with_suffix(".json"))
 
     def load_stage(self, stage: str, num_chunks: int, axis: int) -> Tensor:
         blocks = [load_array(self._chunk_file(stage, chunk), mmap=False) for chunk in range(num_chunks)]
@@ -181,7 +198,11 @@ def compute_influence(
 
     Every process of `distribution` calls this with the same arguments; each scores its shard of the training
     indices, and only global rank zero writes shared files. Chunks hold `arguments.chunk_size` training
-    examples, fewer where the memory budget cannot hold their [M, chunk] scores (and perturbations).
+    examples, fewer where the memory budget cannot hold their [M, chunk] scores (and perturbations). A stage
+    that did not converge or broke the bounds of `lightning_influence.engine.trust` makes the result
+    untrustworthy: `arguments.on_unconverged` raises `ConvergenceError` as soon as that is known (before
+    anything is saved as a result), warns, or ignores it; the result says so either way. `dry_run` checks
+    these inputs in seconds beforehand.
     """
     distribution = distribution if distribution is not None else Distribution()
     for name, value in (("training_data", training_data), ("query_data", query_data)):
@@ -209,32 +230,88 @@ def compute_influence(
         existing = InfluenceResult.load(result_dir)
         check_same_run(run_identity(existing.metadata), run_identity(metadata), result_dir)
         if not arguments.self_influence or existing.self_influence is not None:
+            _warn_untrustworthy(distribution, existing, arguments, result_dir)
             return existing
     run = _PartialRun(folder / "partial", distribution, run_identity(metadata))
     with _timed(timings, "factors"):
         factors, info, resumed = _factors(engine, run, rhs)
-    chunk_size = metadata["chunk_size"]
-    chunks = [shard[start : start + chunk_size] for start in range(0, len(shard), chunk_size)]
-    largest_shard = -(-len(train_indices) // distribution.world_size)  # rank zero's
-    num_positions = -(-largest_shard // chunk_size)  # chunk positions every process steps through in lockstep
-    local: dict[str, Tensor] = {}
-    for stage in _stages(engine, arguments, factors):
-        with _timed(timings, stage.name):
-            local[stage.name], redone = _run_stage(engine, run, stage, chunks, num_positions, training_data,
-                                                   on_chunk)
-        resumed = resumed or redone
-        if not chunks:  # an empty shard (fewer training examples than processes)
-            local[stage.name] = _empty_stage(stage.name, factors, query_data, query_indices)
+    stages: dict[str, Any] = {"factors": solve_record(rhs, factors, info, arguments.curvature)}
+    warnings = _agreed_warnings(distribution, record_warnings("influence factors", stages["factors"]), arguments)
+    local, records, redone = _chunked_stages(engine, run, factors, shard, len(train_indices), metadata["chunk_size"],
+                                             training_data, (query_data, query_indices), on_chunk, timings)
+    for name, chunk_records in records.items():
+        stages[name] = stage_summary(chunk_records)
+        warnings += _agreed_warnings(distribution, chunked_warnings(name.replace("_", "-"), chunk_records), arguments)
     result = _gathered(distribution, local, shard, factors, query_indices)
     timings["total_seconds"] = time.perf_counter() - started
     convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization")}
     result.metadata = to_jsonable({**metadata, "self_influence": arguments.self_influence,
-                                   "convergence": convergence, "timings": timings, "resumed": resumed})
+                                   "convergence": convergence, "stages": stages, "trustworthy": not warnings,
+                                   "warnings": warnings, "timings": timings, "resumed": resumed or redone})
     with distribution.stage("saving the result"):  # written once, by global rank zero
         if distribution.is_global_zero:
             result.save(result_dir)
             shutil.rmtree(run.folder, ignore_errors=True)
+    _warn_untrustworthy(distribution, result, arguments, result_dir)
     return result
+
+
+def _chunked_stages(engine: InfluenceEngine, run: _PartialRun, factors: Tensor, shard: Sequence[int], num_train: int,
+                    chunk_size: int, training_data: IndexedData, queries: tuple[IndexedData, Sequence[int]],
+                    on_chunk: ChunkHook | None, timings: dict[str, float]
+                    ) -> tuple[dict[str, Tensor], dict[str, list[dict[str, Any]]], bool]:
+    """Every chunked stage on this process's shard: its values in shard order, every process's chunk records
+    (the same on all), and whether stored chunks were reused."""
+    distribution = engine.distribution
+    chunks = [list(shard[start : start + chunk_size]) for start in range(0, len(shard), chunk_size)]
+    largest_shard = -(-num_train // distribution.world_size)  # rank zero's
+    num_positions = -(-largest_shard // chunk_size)  # chunk positions every process steps through in lockstep
+    local: dict[str, Tensor] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    resumed = False
+    for stage in _stages(engine, engine.arguments, factors):
+        with _timed(timings, stage.name):
+            local[stage.name], redone, mine = _run_stage(engine, run, stage, chunks, num_positions, training_data,
+                                                         on_chunk)
+        records[stage.name] = [record for part in distribution.gather_objects(mine) for record in part]
+        resumed = resumed or redone
+        if not chunks:  # an empty shard (fewer training examples than processes)
+            local[stage.name] = _empty_stage(stage.name, factors, *queries)
+    return local, records, resumed
+
+
+#: How a refused run ends, with on_unconverged="raise".
+_NOTHING_SAVED = ("Nothing was saved as a result; the finished stages stay in save_dir/partial, so a rerun with "
+                  "on_unconverged='warn' resumes them and saves the result marked untrustworthy.")
+
+
+def _agreed_warnings(distribution: Distribution, warnings: list[str], arguments: InfluenceArguments,
+                     refusal: str = _NOTHING_SAVED) -> list[str]:
+    """Every process's warnings, in order and without repeats (the same list on all); with
+    on_unconverged='raise', a ConvergenceError (ending with `refusal`) on every process when there are any."""
+    agreed = list(dict.fromkeys(w for part in distribution.gather_objects(warnings) for w in part))
+    if agreed and arguments.on_unconverged == "raise":
+        raise ConvergenceError(
+            f"The influence result is not trustworthy (on_unconverged='raise'): {' '.join(agreed)} {refusal}", agreed
+        )
+    return agreed
+
+
+def _warn_untrustworthy(distribution: Distribution, result: InfluenceResult, arguments: InfluenceArguments,
+                        where: Path) -> None:
+    """With on_unconverged='warn', one warning (from global rank zero) that a saved result is untrustworthy;
+    'raise' refuses a reused untrustworthy result."""
+    if result.trustworthy or arguments.on_unconverged == "ignore":
+        return
+    _agreed_warnings(distribution, result.warnings, arguments,
+                     f"The result saved in {str(where)!r} stays there, marked so; on_unconverged='warn' returns it.")
+    if distribution.is_global_zero:
+        warn_user(
+            f"The influence result in {str(where)!r} is not trustworthy: {' '.join(result.warnings)} It is "
+            "saved marked so (result.trustworthy is False, result.warnings says why; the report says it above every "
+            "table); on_unconverged='raise' refuses such results.",
+            RuntimeWarning,
+        )
 
 
 def _chunk_size(model: TwiceDifferentiable, arguments: InfluenceArguments, training_data: IndexedData,
@@ -259,6 +336,7 @@ def _run_metadata(model: TwiceDifferentiable, arguments: InfluenceArguments, tra
     return to_jsonable({
         **arguments.to_dict(),
         "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
+        "loss": model.loss_name,
         "parameter_names": model.param_names, "dtype": str(model.dtype), "world_size": world_size,
         "chunk_size": _chunk_size(model, arguments, training_data, train_indices, len(query_indices)),
         "versions": versions(),
@@ -277,7 +355,7 @@ def _factors(engine: InfluenceEngine, run: _PartialRun, rhs: Tensor) -> tuple[Te
     if stored is not None:
         factors, info = stored
         return factors.to(device=engine.model.device, dtype=engine.model.dtype), info, True
-    with engine.distribution.stage("influence factors"):
+    with engine.distribution.stage("influence factors"), _named("the influence factors"):
         solution = engine.factors(rhs)
         factors, info = solution.x.contiguous(), to_jsonable(solution.info)
         run.save_factors(factors, info)
@@ -295,24 +373,42 @@ def _stages(engine: InfluenceEngine, arguments: InfluenceArguments, factors: Ten
 
 
 def _run_stage(engine: InfluenceEngine, run: _PartialRun, stage: _Stage, chunks: list[list[int]], num_positions: int,
-               training_data: IndexedData, on_chunk: ChunkHook | None) -> tuple[Tensor | None, bool]:
+               training_data: IndexedData, on_chunk: ChunkHook | None
+               ) -> tuple[Tensor | None, bool, list[dict[str, Any]]]:
     """Compute and store every chunk of `stage` not already stored; this process's values of the stage joined
-    in shard order (None for an empty shard), and whether stored chunks were reused."""
+    in shard order (None for an empty shard), whether stored chunks were reused, and each chunk's record (what
+    its solves reported, `trust.merge_records`, and its largest magnitude). A non-finite chunk is refused."""
     distribution, batch = engine.distribution, engine.arguments.batch_size
     todo = [c for c in range(len(chunks)) if not run.done(stage.name, c)]
     if stage.name == "self_influence":
         engine.prepare_self_influence(bool(todo))
     label = stage.name.replace("_", "-")
-    with distribution.stage(label):
+    with distribution.stage(label), _named(f"the {label}"):
         for chunk in progress_bar(engine.chunk_rounds(stage.name, todo, num_positions), engine.progress,
                                   f"Influence: {label}", total=len(todo)):
             block = stage.compute(training_data.loader(chunks[chunk] if chunk is not None else [], batch))
+            solves = engine.take_solve_records()
             if chunk is not None:
-                run.save_chunk(stage.name, chunk, block)
+                check_finite(block, f"the {label} of chunk {chunk}")
+                largest = float(torch.maximum(block.max(), -block.min())) if block.numel() else 0.0
+                record = merge_records(solves, chunk=chunk, rank=distribution.rank, max_abs=largest)
+                run.save_chunk(stage.name, chunk, block, record)
                 if on_chunk is not None:
                     on_chunk(stage.name, chunk, len(chunks))
         joined = run.load_stage(stage.name, len(chunks), stage.axis) if chunks else None
-    return joined, len(todo) < len(chunks)
+    return joined, len(todo) < len(chunks), [run.load_record(stage.name, c) for c in range(len(chunks))]
+
+
+@contextmanager
+def _named(step: str) -> Iterator[None]:
+    """Name the step of the run (e.g. "the influence factors") in a NonFiniteError raised inside, and raise
+    torch's LinAlgError (a factorisation of a singular or non-finite matrix) as one, never raw."""
+    try:
+        yield
+    except NonFiniteError as error:
+        raise error.during(step) from error
+    except torch.linalg.LinAlgError as error:
+        raise NonFiniteError(f"a linear-algebra routine ({error})", hint=SINGULAR_HINT).during(step) from error
 
 
 def _gathered(distribution: Distribution, local: dict[str, Tensor], shard: Sequence[int], factors: Tensor,
