@@ -26,10 +26,12 @@ def test_both_cg_loops_match_a_solve():
         solution, info = variant(lambda v: v @ matrix, rhs, lambda r: r * inverse_diagonal, rtol=1e-12, maxiter=200)
         torch.testing.assert_close(solution, torch.linalg.solve(matrix, rhs.T).T, rtol=1e-9, atol=1e-10)
         assert info["converged"] and info["unconverged"] == 0 and info["iterations"] <= 30 + 5
-    # Started within tolerance of the answer, block CG takes no step and measures the residual against b.
-    near = torch.linalg.solve(matrix, rhs.T).T + 1e-7 * torch.randn(4, 30, dtype=torch.float64)
-    _, started = block_conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, initial=near, rtol=1e-4, maxiter=200)
-    assert started["converged"] and started["iterations"] == 0 and 0 < started["max_relative_residual"] < 1e-4
+    # Started at X₀ = P⁻¹B with a nearly exact P⁻¹, one step keeps a residual no larger than X₀'s.
+    inverse = torch.linalg.inv(matrix) + 1e-3 * torch.eye(30, dtype=torch.float64)
+    solution, started = block_conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r @ inverse,
+                                                 start_preconditioned=True, rtol=1e-4, maxiter=1)
+    start_residual = (rhs - rhs @ inverse @ matrix).norm(dim=1)
+    assert started["iterations"] == 1 and bool(((rhs - solution @ matrix).norm(dim=1) <= start_residual).all())
     # With no tolerance every row runs exactly the steps asked for.
     _, fixed = conjugate_gradient(lambda v: v @ matrix, rhs, lambda r: r, maxiter=4)
     assert fixed["iterations"] == 4

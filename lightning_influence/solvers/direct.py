@@ -38,7 +38,7 @@ class DirectSolver(Solver, method="direct"):
         # One factorisation per diagonal block (a single block unless the operator is block-diagonal).
         matrices = [hessian[block, block] for _, block in operator.blocks]
         eigenvalues = torch.cat([torch.linalg.eigvalsh(matrix) for matrix in matrices])
-        report = spectrum_report(eigenvalues, self.regularization, operator.dtype, complete=True)
+        report = spectrum_report(self, eigenvalues, operator.dtype, complete=True)
         self._factors = []
         for matrix in matrices:
             damped = matrix + self.regularization * torch.eye(len(matrix), dtype=dtype, device=operator.device)
