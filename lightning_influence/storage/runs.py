@@ -32,7 +32,7 @@ from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.engine import InfluenceEngine
 from lightning_influence.enums import InfluenceType
 from lightning_influence.errors import ResultMismatchError
-from lightning_influence.model.data import IndexedData, progress_bar
+from lightning_influence.model.data import IndexedData, progress_bar, sample_positions
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.storage.files import (
     atomic_save_array,
@@ -53,7 +53,7 @@ __all__ = ["ChunkHook", "compute_influence", "run_identity"]
 #: Metadata fields that, with the digests under "fingerprint", decide whether two runs are the same run.
 _IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
                     "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
-                    "num_train", "num_queries", "chunk_size", "world_size")
+                    "num_train", "num_queries", "chunk_size", "world_size", "curvature_samples", "curvature_seed")
 
 
 def versions() -> dict[str, str]:
@@ -198,7 +198,9 @@ def compute_influence(
 
     started, timings = time.perf_counter(), {}
     shard = distribution.shard(train_indices)
-    engine = InfluenceEngine(model, training_data.loader(shard, arguments.batch_size), arguments,
+    drawn = sample_positions(len(train_indices), arguments.curvature_samples, arguments.curvature_seed)
+    curvature_shard = distribution.shard([train_indices[position] for position in drawn])
+    engine = InfluenceEngine(model, training_data.loader(curvature_shard, arguments.batch_size), arguments,
                              distribution=distribution, progress=progress)
     with _timed(timings, "query_gradients"), distribution.stage("query gradients"):
         rhs = engine.query_gradients(query_data, query_indices)
@@ -227,8 +229,9 @@ def compute_influence(
             local[stage.name] = _empty_stage(stage.name, factors, query_data, query_indices)
     result = _gathered(distribution, local, shard, factors, query_indices)
     timings["total_seconds"] = time.perf_counter() - started
-    convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization")}
+    convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization", "choices")}
     result.metadata = to_jsonable({**metadata, "self_influence": arguments.self_influence,
+                                   "num_curvature_examples": len(drawn), "choices": info.get("choices"),
                                    "convergence": convergence, "timings": timings, "resumed": resumed})
     with distribution.stage("saving the result"):  # written once, by global rank zero
         if distribution.is_global_zero:
