@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from helpers import ExactReference, classification_data, fitted, loader, mlp_model
 from lightning_influence import TwiceDifferentiable, fit_solver, make_solver
-from lightning_influence.solvers.krylov import block_conjugate_gradient, conjugate_gradient
+from lightning_influence.solvers.krylov import block_conjugate_gradient, block_lanczos, conjugate_gradient
 
 
 def spd_system(size=30, rows=4, seed=0):
@@ -86,3 +86,54 @@ def test_cg_solver_uses_block_cg_by_default_and_both_agree():
     assert make_solver("cg").block is True
     with pytest.raises(TypeError, match="block must be True or False"):
         make_solver("cg", block="yes")
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 7])
+def test_block_lanczos_at_full_dimension_has_the_dense_eigenvalues(block_size):
+    generator = torch.Generator().manual_seed(2)
+    basis = torch.randn(45, 45, generator=generator, dtype=torch.float64)
+    matrix = basis @ basis.T / 45 - 0.4 * torch.eye(45, dtype=torch.float64)  # indefinite
+    products = []
+
+    def apply(block):
+        products.append(block.shape[0])
+        return block @ matrix
+
+    q, t = block_lanczos(apply, 45, 45, block_size, torch.Generator().manual_seed(0), dtype=torch.float64,
+                         device=torch.device("cpu"))
+    assert len(products) == -(-45 // block_size) and max(products) == block_size  # about p / b products
+    torch.testing.assert_close(q @ q.T, torch.eye(45, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(t, q @ matrix @ q.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.linalg.eigvalsh(t), torch.linalg.eigvalsh(matrix), rtol=0, atol=1e-12)
+
+
+def test_block_lanczos_finds_the_extreme_eigenvalues_early_and_survives_an_invariant_subspace():
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.linalg.qr(torch.randn(200, 200, generator=generator, dtype=torch.float64)).Q
+    values = torch.cat([torch.tensor([-3.0, 5.0, 8.0], dtype=torch.float64), torch.rand(197, generator=generator,
+                                                                                          dtype=torch.float64)])
+    matrix = vectors @ torch.diag(values) @ vectors.T
+    _, t = block_lanczos(lambda v: v @ matrix, 200, 40, 8, torch.Generator().manual_seed(0),
+                         dtype=torch.float64, device=torch.device("cpu"))
+    ritz = torch.linalg.eigvalsh(t)
+    assert abs(float(ritz[0]) + 3) < 1e-6 and abs(float(ritz[-1]) - 8) < 1e-6 and abs(float(ritz[-2]) - 5) < 1e-6
+    low_rank = vectors[:, :3] @ torch.diag(values[:3]) @ vectors[:, :3].T  # rank 3: the Krylov space closes
+    q, t = block_lanczos(lambda v: v @ low_rank, 200, 12, 2, torch.Generator().manual_seed(0),
+                         dtype=torch.float64, device=torch.device("cpu"))
+    torch.testing.assert_close(q @ q.T, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-12)
+    nonzero = torch.linalg.eigvalsh(t)[torch.linalg.eigvalsh(t).abs() > 1e-8]
+    torch.testing.assert_close(nonzero, torch.tensor([-3.0, 5.0, 8.0], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_arnoldi_with_blocks_at_full_rank_equals_the_exact_inverse():
+    x, y = classification_data(64)
+    module = fitted(mlp_model(), x, y)
+    reference = ExactReference(module, x, y, 0.01)
+    rhs = reference.grads(*classification_data(4, seed=1))
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    p = model.num_params
+    solver = fit_solver(model, loader(x, y), "arnoldi", hessian_regularization=0.01, rank=p, block_size=7)
+    assert solver.fit_info["hessian_passes"] == -(-p // 7)  # one pass per block of 7 vectors
+    with model.evaluating():
+        solution = solver.solve(rhs).x
+    torch.testing.assert_close(solution, torch.linalg.solve(reference.matrix, rhs.T).T, rtol=1e-7, atol=1e-9)
