@@ -11,6 +11,8 @@ from typing import Any, Literal
 #: The curvature matrices every method can invert.
 Curvature = Literal["hessian", "ggn"]
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
+#: A curvature, or "auto": chosen when the curvature is fitted (`lightning_influence.engine.defaults`).
+CurvatureChoice = Literal["hessian", "ggn", "auto"]
 
 
 def positive_int(name: str, value: Any, allow_none: bool = False) -> Any:
@@ -71,9 +73,16 @@ def check_regularization(value: Any) -> float | str:
     return float(value)
 
 
-def check_curvature(curvature: Any) -> Curvature:
-    """An accepted curvature name."""
-    return one_of("curvature", curvature, CURVATURES)  # type: ignore[return-value]
+def check_curvature(curvature: Any) -> CurvatureChoice:
+    """An accepted curvature name, or "auto"."""
+    return one_of("curvature", curvature, (*CURVATURES, "auto"))  # type: ignore[return-value]
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    """An integer option that must be ≥ 0 (a seed, a count that may be zero)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}.")
+    return value
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -47,6 +47,11 @@ class InfluenceComputationError(RuntimeError):
         self.partial = partial
 
 
+class IndefiniteCurvatureError(RuntimeError):
+    """H + λI was found not positive definite and `on_negative_curvature="raise"` asked for an error; the message
+    names the smallest eigenvalue found and the remedies (a larger hessian_regularization, or curvature="ggn")."""
+
+
 class NotFittedError(RuntimeError):
     """A fitted object (a solver) was used before `fit`; the message names the call to make first."""
 

@@ -159,8 +159,8 @@ def test_without_logger_on_demand_and_rerun(tmp_path):
 def test_dropout_and_batchnorm_modes_and_state_are_restored(tmp_path):
     x, y = blobs(64)
     train_loader, val_loader = loaders(x, y, *blobs(8, seed=1))
-    callback = InfluenceCallback(method="direct", hessian_regularization=LAMBDA, compute_on_fit_end=False,
-                                 save_dir=tmp_path / "first")
+    callback = InfluenceCallback(method="direct", hessian_regularization=LAMBDA, curvature="hessian",
+                                 compute_on_fit_end=False, save_dir=tmp_path / "first")
     module = Classifier(dropout=0.5, batchnorm=True)
     trainer = make_trainer(tmp_path, logger=False, callbacks=[callback], epochs=2)
     trainer.fit(module, train_loader, val_loader)
@@ -174,8 +174,8 @@ def test_dropout_and_batchnorm_modes_and_state_are_restored(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())  # BatchNorm statistics too
     assert torch.equal(torch.get_rng_state(), rng)
     # eval mode during the computation: dropout off, so it is deterministic and matches the functional API
-    second = InfluenceCallback(method="direct", hessian_regularization=LAMBDA, compute_on_fit_end=False,
-                               save_dir=tmp_path / "second").compute(trainer, module)
+    second = InfluenceCallback(method="direct", hessian_regularization=LAMBDA, curvature="hessian",
+                               compute_on_fit_end=False, save_dir=tmp_path / "second").compute(trainer, module)
     assert torch.equal(first.scores, second.scores)
     expected = functional_scores(module, train_loader.dataset, torch.utils.data.Subset(val_loader.dataset, range(8)))
     torch.testing.assert_close(first.scores, expected, rtol=1e-5, atol=1e-7)

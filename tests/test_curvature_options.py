@@ -135,7 +135,7 @@ def test_direct_block_diagonal_factorises_one_block_per_layer(trained):
 def test_bad_curvature_options_are_refused_early(trained, tmp_path):
     module, x, y = trained
     model = TwiceDifferentiable(module, F.cross_entropy)
-    with pytest.raises(ValueError, match=r"curvature must be one of \['hessian', 'ggn'\], got 'fisher'"):
+    with pytest.raises(ValueError, match=r"curvature must be one of \['hessian', 'ggn', 'auto'\], got 'fisher'"):
         compute_influences(model, loader(x, y), inversion_method="direct", curvature="fisher")
     with pytest.raises(TypeError, match="block_diagonal must be True or False"):
         fit_solver(model, loader(x, y), "cg", block_diagonal="layer")

@@ -57,7 +57,8 @@ def assert_equals_one_process(module: pl.LightningModule, root: Path, train: Ten
         assert result.metadata["world_size"] == world_size
         assert result.metadata["fingerprint"]["parameters"] == parameter_digest(model)  # the same weights
         arguments = InfluenceArguments(method=method, method_kwargs=options, hessian_regularization=REGULARIZATION,
-                                       self_influence=True, batch_size=N_TRAIN)  # one batch: fast
+                                       curvature="auto", self_influence=True, batch_size=N_TRAIN)  # one batch: fast
+        assert result.metadata["choices"]["curvature"] in ("hessian", "ggn")  # the callback's default, "auto"
         reference = compute_influence(model, IndexedData(train), IndexedData(val), arguments,
                                       save_dir=root / f"one-process-{method}", query_indices=list(range(N_QUERIES)))
         assert result.train_indices.tolist() == list(range(N_TRAIN))  # each example once, in dataset order
@@ -69,8 +70,8 @@ def assert_equals_one_process(module: pl.LightningModule, root: Path, train: Ten
         assert (root / method / "report").is_dir()
     # Rank 1 had no training example and no query.
     single = InfluenceResult.load(root / "single-example" / "result")
-    arguments = InfluenceArguments(method="cg", method_kwargs=METHODS["cg"],
-                                   hessian_regularization=SINGLE_REGULARIZATION, self_influence=True, batch_size=BATCH)
+    arguments = InfluenceArguments(method="cg", method_kwargs=METHODS["cg"], hessian_regularization=SINGLE_REGULARIZATION,
+                                   curvature="auto", self_influence=True, batch_size=BATCH)
     reference = compute_influence(model, IndexedData(Subset(train, [0])), IndexedData(val), arguments,
                                   save_dir=root / "one-process-single", query_indices=[0])
     assert single.scores.shape == (1, 1) and single.train_indices.tolist() == [0]

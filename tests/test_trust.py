@@ -130,16 +130,22 @@ def test_solutions_beyond_the_bounds_are_counted_and_named():
     assert solve_record(rhs, rhs, {"method": "nystroem", "indefinite": True}, "hessian")["indefinite"]
 
 
-def test_a_singular_system_with_cg_gives_the_documented_error_naming_the_stage(tmp_path):
+def test_a_singular_system_with_cg_is_stopped_and_marked_naming_the_fix(tmp_path):
     x, y = classification_data(40)
     x[:, 0] = 0  # no training example uses feature 0, so with λ = 0 the Hessian is singular on its weights
     queries = x[:3].clone()
     queries[:, 0] = 1.0  # the queries do
     model = TwiceDifferentiable(linear_model(), F.cross_entropy)
-    with pytest.raises(NonFiniteError, match=r"in block conjugate gradient \(.*\), while computing the influence "
-                                             r"factors\. H \+ λI is singular .* hessian_regularization > 0"):
-        compute_influence(model, IndexedData(TensorDataset(x, y)), IndexedData(TensorDataset(queries, y[:3])),
-                          InfluenceArguments(method="cg", hessian_regularization=0.0), save_dir=tmp_path)
+    data, query_data = IndexedData(TensorDataset(x, y)), IndexedData(TensorDataset(queries, y[:3]))
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        result = compute_influence(model, data, query_data, InfluenceArguments(method="cg", hessian_regularization=0.0),
+                                   save_dir=tmp_path / "warn")
+    assert result.trustworthy is False and bool(torch.isfinite(result.scores).all())
+    assert any("hessian_regularization" in w and "curvature='ggn'" in w for w in result.warnings)
+    with pytest.raises(ConvergenceError, match="not trustworthy"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compute_influence(model, data, query_data, InfluenceArguments(method="cg", hessian_regularization=0.0,
+                                                                      on_unconverged="raise"), save_dir=tmp_path / "raise")
 
 
 def test_a_run_never_raises_a_raw_linear_algebra_error(problem, tmp_path, monkeypatch):

@@ -14,16 +14,20 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from lightning_influence.checks import (
-    Curvature,
+    CurvatureChoice,
     check_curvature,
     check_regularization,
     flag,
+    non_negative_int,
     one_of,
     parse_memory,
     positive_int,
 )
 from lightning_influence.enums import InfluenceType, InversionMethod
-from lightning_influence.solvers import Solver, make_solver
+from lightning_influence.solvers import make_solver
+
+#: What `on_negative_curvature` accepts (see `Solver.fit`).
+NEGATIVE_CURVATURE_ACTIONS = ("warn", "raise")
 
 
 #: What a run does with a stage that did not converge (`InfluenceArguments.on_unconverged`).
@@ -36,10 +40,14 @@ class InfluenceArguments:
     """The options of one influence computation.
 
     Attributes:
-        method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ``ekfac``, ``nystroem``).
-        method_kwargs: the method's options, e.g. ``{"rank": 50}``; stored with every default filled in.
-        hessian_regularization: λ ≥ 0 in (H + λI), or ``"auto"`` (a fraction of the mean eigenvalue of H).
-        curvature: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive semi-definite).
+        method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ``ekfac``, ``nystroem``), or
+            ``"auto"``: chosen when the curvature is fitted (see `lightning_influence.engine.defaults`).
+        method_kwargs: the method's options, e.g. ``{"rank": 50}``; stored with every default filled in. Empty
+            with ``method="auto"``, which chooses the options too.
+        hessian_regularization: λ ≥ 0 in (H + λI), or ``"auto"`` (a tenth of the mean eigenvalue of the
+            curvature, `auto_regularization`).
+        curvature: ``"hessian"``, ``"ggn"`` (Gauss–Newton, positive semi-definite), or ``"auto"`` (the Hessian
+            where H + λI is found positive definite, else the Gauss–Newton matrix).
         block_diagonal: keep only the per-layer blocks of the curvature.
         influence_type: ``"up"`` ([M, N] scores) or ``"perturbation"`` (also ∇ₓ of them).
         self_influence: also compute ⟨(H + λI)⁻¹ ∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ for every training example.
@@ -51,12 +59,17 @@ class InfluenceArguments:
             (see `lightning_influence.engine.trust`): ``"raise"`` a `ConvergenceError` before saving anything,
             ``"warn"`` and save the result marked untrustworthy, or ``"ignore"`` (still marked). It decides what
             is saved, not the numbers, so it is not part of a run's identity.
+        on_negative_curvature: ``"warn"`` or ``"raise"`` (`IndefiniteCurvatureError`) where H + λI is found not
+            positive definite; either way no iterative solve goes on once it has met such a direction.
+        curvature_samples: fit the curvature on this many training examples, drawn at random (seeded by
+            `curvature_seed`), and score all of them; None (or at least N): on every training example.
+        curvature_seed: the seed of that draw.
     """
 
     method: InversionMethod | str = "cg"
     method_kwargs: Mapping[str, Any] = field(default_factory=dict)
     hessian_regularization: float | str = 0.0
-    curvature: Curvature = "hessian"
+    curvature: CurvatureChoice = "hessian"
     block_diagonal: bool = False
     influence_type: InfluenceType | str = "up"
     self_influence: bool = False
@@ -64,12 +77,20 @@ class InfluenceArguments:
     chunk_batches: int = 8
     max_memory: int | str | None = None
     on_unconverged: OnUnconverged = "warn"
+    on_negative_curvature: str = "warn"
+    curvature_samples: int | None = None
+    curvature_seed: int = 0
 
     def __post_init__(self) -> None:
-        method = InversionMethod.parse(self.method)
+        method = "auto" if self.method == "auto" else InversionMethod.parse(self.method)
         if not isinstance(self.method_kwargs, Mapping):
             raise TypeError(f"method_kwargs must be a dict of the method's options, got {self.method_kwargs!r}.")
-        options = make_solver(method, **self.method_kwargs).options  # every default filled in
+        if method == "auto" and self.method_kwargs:
+            raise ValueError(
+                f"method='auto' chooses the method and its options; method_kwargs={dict(self.method_kwargs)!r} need "
+                "an explicit method (direct, cg, lissa, arnoldi, ekfac or nystroem)."
+            )
+        options = {} if method == "auto" else make_solver(method, **self.method_kwargs).options  # defaults filled
         checked = {
             "method": method,
             "method_kwargs": MappingProxyType(options),
@@ -82,6 +103,10 @@ class InfluenceArguments:
             "chunk_batches": positive_int("chunk_batches", self.chunk_batches),
             "max_memory": parse_memory(self.max_memory),
             "on_unconverged": one_of("on_unconverged", self.on_unconverged, ON_UNCONVERGED),
+            "on_negative_curvature": one_of("on_negative_curvature", self.on_negative_curvature,
+                                            NEGATIVE_CURVATURE_ACTIONS),
+            "curvature_samples": positive_int("curvature_samples", self.curvature_samples, allow_none=True),
+            "curvature_seed": non_negative_int("curvature_seed", self.curvature_seed),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -89,10 +114,6 @@ class InfluenceArguments:
     def __reduce__(self) -> tuple[type[InfluenceArguments], tuple[Any, ...]]:
         """Pickled as its plain values (a read-only mapping does not pickle), rebuilt through the checks."""
         return type(self), tuple(self.to_dict().values())
-
-    def new_solver(self) -> Solver:
-        """An unfitted solver of the chosen method with these options."""
-        return make_solver(self.method, **self.method_kwargs)
 
     @property
     def chunk_size(self) -> int:
@@ -102,6 +123,6 @@ class InfluenceArguments:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values of every field, for the metadata and for comparing runs."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["method"], values["influence_type"] = self.method.value, self.influence_type.value
+        values["method"], values["influence_type"] = str(self.method), self.influence_type.value
         values["method_kwargs"] = dict(self.method_kwargs)
         return values

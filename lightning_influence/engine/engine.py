@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_influence.checks import Curvature
 from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.engine.arguments import InfluenceArguments
+from lightning_influence.engine.defaults import resolve
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.scoring import (
     gradient_blocks,
@@ -30,7 +32,7 @@ from lightning_influence.engine.scoring import (
 from lightning_influence.engine.trust import solve_record
 from lightning_influence.model.data import IndexedData, loader_length
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
-from lightning_influence.solvers import InverseHvpResult, Solver
+from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
 
 
 class InfluenceEngine:
@@ -64,7 +66,7 @@ class InfluenceEngine:
         self.arguments = arguments
         self.distribution = distribution if distribution is not None else Distribution()
         self.progress = progress
-        self._solver = arguments.new_solver()
+        self._solver: Solver | None = None  # chosen and fitted by `fit`
         #: What each self-influence solve reported (`trust.solve_record`), until `take_solve_records`.
         self.solve_records: list[dict[str, Any]] = []
 
@@ -91,16 +93,26 @@ class InfluenceEngine:
 
     # ---------------------------------------------------------------------------------------- stage 2: curvature
     def fit(self) -> Solver:
-        """The solver fitted to (H + λI) over the training data; collective, and done once per engine."""
-        if not self._solver.is_fitted:
-            operator = CurvatureOperator(
-                self.model, self.training_data, reducer=self.distribution.reducer, progress=self.progress,
-                curvature=self.arguments.curvature, block_diagonal=self.arguments.block_diagonal,
-            )
+        """The solver fitted to (H + λI) over the training data, with every "auto" option resolved
+        (`engine.defaults`, the choices and their reasons in its info under "choices"); collective, and done
+        once per engine."""
+        if self._solver is None:
             with self.model.evaluating():
-                operator.check()
-                self._solver.fit(operator, self.arguments.hessian_regularization)
+                choices = resolve(self.model, self.arguments, self._operator)
+                solver = make_solver(choices.method, **choices.method_kwargs)
+                solver.fit(choices.operator, choices.regularization, self.arguments.on_negative_curvature)
+                solver.fit_info["choices"] = choices.record(solver)
+            self._solver = solver
         return self._solver
+
+    def _operator(self, curvature: Curvature) -> CurvatureOperator:
+        return CurvatureOperator(self.model, self.training_data, reducer=self.distribution.reducer,
+                                 progress=self.progress, curvature=curvature,
+                                 block_diagonal=self.arguments.block_diagonal)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._solver is not None
 
     # ---------------------------------------------------------------------------------------- stage 3: factors
     def factors(self, rhs: Tensor) -> InverseHvpResult:
@@ -182,8 +194,9 @@ class InfluenceEngine:
 
     # ---------------------------------------------------------------------------------------- lockstep
     def _solves_together(self) -> bool:
-        """Whether every process must take part in each solve (reduced Hessian products in `solve`)."""
-        return self.distribution.is_distributed and self._solver.collective_solve
+        """Whether every process must take part in each solve (reduced Hessian products in `solve`); False
+        before the fit, which every process joins when any has work (`prepare_self_influence`)."""
+        return self.distribution.is_distributed and self._solver is not None and self._solver.collective_solve
 
     def prepare_self_influence(self, work_left: bool) -> None:
         """Fit before self-influence if any process still has self-influence work: fitting is collective, so

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.checks import Curvature
+from lightning_influence.checks import CurvatureChoice
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
@@ -21,6 +21,7 @@ from lightning_influence.engine.engine import InfluenceEngine
 from lightning_influence.engine.scoring import perturbation_scores, self_influences, up_scores
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import InfluenceComputationError
+from lightning_influence.model.data import subsample_loader
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.solvers import InverseHvpResult, Solver
 
@@ -40,18 +41,19 @@ def _engine(
     inversion_method: str | InversionMethod,
     *,
     hessian_regularization: float | str,
-    curvature: Curvature = "hessian",
-    block_diagonal: bool = False,
     progress: bool,
     reducer: Reducer | None,
     method_kwargs: dict[str, Any],
+    **run_options: Any,
 ) -> InfluenceEngine:
-    """A one-process engine (its sums reduced by `reducer` when given) with the options checked."""
+    """A one-process engine (its sums reduced by `reducer` when given) with the options checked; `run_options` are
+    the other fields of `InfluenceArguments` (curvature, block_diagonal, on_negative_curvature, curvature_samples,
+    curvature_seed). With `curvature_samples`, the curvature is fitted on that many examples of `training_data`."""
     arguments = InfluenceArguments(method=inversion_method, method_kwargs=method_kwargs,
-                                   hessian_regularization=hessian_regularization, curvature=curvature,
-                                   block_diagonal=block_diagonal)
+                                   hessian_regularization=hessian_regularization, **run_options)
+    curvature_data = subsample_loader(training_data, arguments.curvature_samples, arguments.curvature_seed)
     distribution = Distribution(reducer=reducer if reducer is not None else LocalReducer())
-    return InfluenceEngine(model, training_data, arguments, distribution=distribution, progress=progress)
+    return InfluenceEngine(model, curvature_data, arguments, distribution=distribution, progress=progress)
 
 
 def fit_solver(
@@ -60,8 +62,11 @@ def fit_solver(
     inversion_method: str | InversionMethod,
     *,
     hessian_regularization: float | str = 0.0,
-    curvature: Curvature = "hessian",
+    curvature: CurvatureChoice = "hessian",
     block_diagonal: bool = False,
+    on_negative_curvature: str = "warn",
+    curvature_samples: int | None = None,
+    curvature_seed: int = 0,
     progress: bool = False,
     reducer: Reducer | None = None,
     **kwargs: Any,
@@ -69,12 +74,16 @@ def fit_solver(
     """A solver for (H + λI) over `training_data`, fitted once and ready to `solve` many right-hand sides.
 
     `curvature="ggn"` uses the Gauss–Newton matrix for H, `block_diagonal=True` only its per-layer blocks (see
-    `CurvatureOperator`). `kwargs` are the method's options (e.g. `rank` for arnoldi, `rtol` for cg); all are
+    `CurvatureOperator`); ``"auto"`` values are resolved as for the callback (`engine.defaults`).
+    `on_negative_curvature="raise"` makes an indefinite H + λI an error instead of a warning.
+    `curvature_samples=k` fits on k examples of `training_data` (a DataLoader over a map-style dataset) drawn by
+    `curvature_seed`. `kwargs` are the method's options (e.g. `rank` for arnoldi, `rtol` for cg); all are
     checked before any computation starts.
     """
     return _engine(model, training_data, inversion_method, hessian_regularization=hessian_regularization,
-                   curvature=curvature, block_diagonal=block_diagonal, progress=progress, reducer=reducer,
-                   method_kwargs=kwargs).fit()
+                   progress=progress, reducer=reducer, method_kwargs=kwargs, curvature=curvature,
+                   block_diagonal=block_diagonal, on_negative_curvature=on_negative_curvature,
+                   curvature_samples=curvature_samples, curvature_seed=curvature_seed).fit()
 
 
 def compute_influence_factors(
@@ -86,18 +95,23 @@ def compute_influence_factors(
     hessian_perturbation: float | str = 0.0,
     progress: bool = False,
     reducer: Reducer | None = None,
-    curvature: Curvature = "hessian",
+    curvature: CurvatureChoice = "hessian",
     block_diagonal: bool = False,
+    on_negative_curvature: str = "warn",
+    curvature_samples: int | None = None,
+    curvature_seed: int = 0,
     **kwargs: Any,
 ) -> InverseHvpResult:
     """Influence factors s_test = (H + λI)⁻¹ ∇θ ℓ(z_test) for every test example: `x` [M, p] and `info`.
 
     λ is `hessian_perturbation`; H is the mean-loss Hessian over `training_data` (or its Gauss–Newton part, or
-    per-layer blocks, as in `fit_solver`); `kwargs` are the method's options.
+    per-layer blocks, or its fit on `curvature_samples` examples, as in `fit_solver`); `kwargs` are the method's
+    options.
     """
     engine = _engine(model, training_data, inversion_method, hessian_regularization=hessian_perturbation,
-                     curvature=curvature, block_diagonal=block_diagonal, progress=progress, reducer=reducer,
-                     method_kwargs=kwargs)
+                     progress=progress, reducer=reducer, method_kwargs=kwargs, curvature=curvature,
+                     block_diagonal=block_diagonal, on_negative_curvature=on_negative_curvature,
+                     curvature_samples=curvature_samples, curvature_seed=curvature_seed)
     engine.fit()
     return engine.factors(engine.gradients(test_data, name="test_data"))
 

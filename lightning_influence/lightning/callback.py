@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.checks import Curvature, flag, one_of, optional_flag, parameter_patterns, positive_int
+from lightning_influence.checks import CurvatureChoice, flag, one_of, optional_flag, parameter_patterns, positive_int
 from lightning_influence.engine.arguments import InfluenceArguments, OnUnconverged
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.dry_run import dry_run
@@ -99,12 +99,17 @@ class InfluenceCallback(pl.Callback):
             read in dataset order (never the shuffled order).
         batch_transform: maps a collated batch to ``(inputs, targets)`` when it is not a tuple, list or dict
             with known keys (a callable or a dotted path).
-        method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ...).
-        method_kwargs: the method's options, e.g. ``{"rank": 50}`` for arnoldi or ``{"rtol": 1e-4}`` for cg.
+        method: the inversion method (``direct``, ``cg``, ``lissa``, ``arnoldi``, ...), or ``auto`` (default):
+            ``direct`` where its p × p matrices fit the memory budget, else ``ekfac`` where every selected layer
+            is an nn.Linear or nn.Conv2d, else ``cg`` with a Nyström preconditioner (`engine.defaults`).
+        method_kwargs: the method's options, e.g. ``{"rank": 50}`` for arnoldi or ``{"rtol": 1e-4}`` for cg
+            (with an explicit method).
         hessian_regularization: λ ≥ 0 in (H + λI), at least the weight decay the loss leaves out; or ``"auto"``
-            (a fraction of the mean eigenvalue of H).
-        curvature: ``hessian`` (the mean-loss Hessian H) or ``ggn`` (its Gauss–Newton part, positive
-            semi-definite; cheaper to make well-conditioned).
+            (default: a tenth of the curvature's mean eigenvalue).
+        curvature: ``hessian`` (the mean-loss Hessian H), ``ggn`` (its Gauss–Newton part, positive
+            semi-definite; cheaper to make well-conditioned), or ``auto`` (default: the Hessian where H + λI is
+            found positive definite by a Lanczos estimate, else the GGN). The choices made for "auto", and why,
+            are saved in the result's metadata under ``choices``.
         block_diagonal: keep only the per-layer blocks of the curvature (cross-layer terms dropped).
         influence_type: ``up`` ([M, N] scores) or ``perturbation`` (also ∇ₓ of them, [M, N, *x_shape]).
         params: names or glob patterns of the parameters to use (e.g. ``"head.*"``); None for all trainable.
@@ -134,6 +139,10 @@ class InfluenceCallback(pl.Callback):
         index_fn: maps a position in the training dataset to your own ID of the example (a file name, a row id),
             shown beside the index in the report's tables (a callable or a dotted path). Without it, a dataset's
             ``influence_id(position)`` method gives the IDs, found through ``Subset`` and ``ConcatDataset``.
+        on_negative_curvature: ``warn`` (default) or ``raise`` where H + λI is found not positive definite.
+        curvature_samples: fit the curvature on this many training examples drawn at random (the standard way
+            to scale to a large N); all N are scored. None: every training example.
+        curvature_seed: the seed of that draw (saved in the metadata).
 
     Every index (in the result, the tables and the CSVs) is a position in the dataset the callback reads: with a
     ``Subset`` a position in the subset, with a ``ConcatDataset`` one in the concatenation; a ``batch_transform``
@@ -156,10 +165,10 @@ class InfluenceCallback(pl.Callback):
         query_indices: Sequence[int] | None = None,
         training_data: Dataset | DataLoader | None = None,
         batch_transform: str | BatchTransform | None = None,
-        method: str | InversionMethod = "cg",
+        method: str | InversionMethod = "auto",
         method_kwargs: dict[str, Any] | None = None,
-        hessian_regularization: float | Literal["auto"] = 0.01,
-        curvature: Curvature = "hessian",
+        hessian_regularization: float | Literal["auto"] = "auto",
+        curvature: CurvatureChoice = "auto",
         block_diagonal: bool = False,
         influence_type: Literal["up", "perturbation"] = "up",
         params: str | Sequence[str] | None = None,
@@ -176,13 +185,17 @@ class InfluenceCallback(pl.Callback):
         describe: str | Callable[[Any], str] | None = None,
         on_unconverged: OnUnconverged = "warn",
         index_fn: str | IndexFn | None = None,
+        on_negative_curvature: Literal["warn", "raise"] = "warn",
+        curvature_samples: int | None = None,
+        curvature_seed: int = 0,
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
             method=method, method_kwargs=method_kwargs if method_kwargs is not None else {},
             hessian_regularization=hessian_regularization, curvature=curvature, block_diagonal=block_diagonal,
             influence_type=influence_type, self_influence=self_influence, batch_size=batch_size,
-            max_memory=max_memory, on_unconverged=on_unconverged,
+            max_memory=max_memory, on_unconverged=on_unconverged, on_negative_curvature=on_negative_curvature,
+            curvature_samples=curvature_samples, curvature_seed=curvature_seed,
         )
         self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
@@ -212,7 +225,7 @@ class InfluenceCallback(pl.Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.arguments.method.value, save_dir=self.save_dir)
+        return self._generate_state_key(method=str(self.arguments.method), save_dir=self.save_dir)
 
     # -- hooks --------------------------------------------------------------------------------------------
     @override

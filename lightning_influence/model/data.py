@@ -214,6 +214,32 @@ def row_slices(total: int, rows: int | None) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, total)
 
 
+def sample_positions(n: int, k: int | None, seed: int) -> list[int]:
+    """Positions of `k` of `n` items drawn without replacement by `seed`, in increasing order; all `n` (in order)
+    when k is None or at least n, so that a sample of everything is exactly everything."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+def subsample_loader(loader: Iterable[Any], k: int | None, seed: int) -> Iterable[Any]:
+    """Batches of `k` examples of `loader`'s dataset drawn by `seed` (`sample_positions`), batched and collated
+    as `loader` does; `loader` itself when k is None or covers its dataset. Needs a DataLoader over a
+    map-style dataset with a batch size."""
+    if k is None:
+        return loader
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(loader, DataLoader) or isinstance(dataset, IterableDataset) or loader.batch_size is None:
+        raise TypeError(
+            f"curvature_samples needs training_data to be a DataLoader with a batch_size over a map-style dataset "
+            f"(to draw examples from), got {type(loader).__name__}."
+        )
+    if k >= len(dataset):
+        return loader
+    subset = Subset(dataset, sample_positions(len(dataset), k, seed))
+    return DataLoader(subset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+
 class _TransformedLoader:
     """A loader whose batches pass through the user's `batch_transform`; iterable many times, with a length."""
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_influence.checks import positive_int
 from lightning_influence.curvature.operator import CurvatureOperator
-from .base import ApproximateSolver, fit_required, spectrum_report, work_dtype
+from .base import ApproximateSolver, fit_required, lanczos_basis, spectrum_report
 from .nystroem import complement_curvature
 
 ARNOLDI_COMPLEMENTS = ("none", "damping", "trace")
@@ -36,6 +36,7 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         complement: str = "none",
         num_probes: int = 64,
         refine: int = 0,
+        block_size: int = 10,
     ) -> None:
         super().__init__(refine)
         if complement not in ARNOLDI_COMPLEMENTS:
@@ -53,6 +54,7 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         if krylov_dimension is not None and krylov_dimension < rank:
             raise ValueError(f"krylov_dimension ({krylov_dimension}) must be at least rank ({rank}).")
         self.seed = seed
+        self.block_size = positive_int("block_size", block_size)
         self._eigenvalues: Tensor | None = None
         self._eigenvectors: Tensor | None = None
 
@@ -60,12 +62,12 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         p = operator.num_params
         rank = min(self.rank, p)
         dimension = min(p, self.krylov_dimension or 2 * rank + 10)
-        basis, tridiagonal = self._lanczos(operator, dimension)
-        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
+        basis, projected = lanczos_basis(operator, dimension, self.block_size, self.seed)
+        ritz_values, ritz_vectors = torch.linalg.eigh(projected)
         order = ritz_values.abs().argsort(descending=True)[:rank]
         self._eigenvalues = ritz_values[order]
         self._eigenvectors = basis.T @ ritz_vectors[:, order]  # [p, rank]
-        report = spectrum_report(self._eigenvalues, self.regularization, operator.dtype, complete=rank == p)
+        report = spectrum_report(self, self._eigenvalues, operator.dtype, complete=rank == p)
         self._complement = None
         if self.complement == "damping" and rank < p:
             self._complement = 0.0
@@ -73,38 +75,6 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
             self._complement = complement_curvature(operator, self._eigenvalues, self.num_probes, self.seed)
         extra = {} if self._complement is None else {"complement_eigenvalue": self._complement}
         return {"rank": rank, "krylov_dimension": dimension, **report, **extra}
-
-    def _lanczos(self, operator: CurvatureOperator, dimension: int) -> tuple[Tensor, Tensor]:
-        """Orthonormal Krylov basis Q [k, p] (rows) and T = Q H Qᵀ [k, k] in the work dtype."""
-        dtype = work_dtype(operator.device)
-        p = operator.num_params
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        basis = torch.zeros(dimension, p, dtype=dtype, device=operator.device)
-        tridiagonal = torch.zeros(dimension, dimension, dtype=dtype, device=operator.device)
-        vector = torch.randn(p, generator=generator, dtype=dtype).to(operator.device)
-        vector /= vector.norm()
-        for k in range(dimension):
-            basis[k] = vector
-            product = operator.matvec(vector.to(operator.dtype)).to(dtype)
-            # Full reorthogonalisation, twice ("twice is enough"), keeps the basis orthonormal in floating point.
-            coefficients = basis[: k + 1] @ product
-            product = product - basis[: k + 1].T @ coefficients
-            correction = basis[: k + 1] @ product
-            product = product - basis[: k + 1].T @ correction
-            coefficients += correction
-            tridiagonal[k, : k + 1] = coefficients
-            tridiagonal[: k + 1, k] = coefficients
-            if k + 1 == dimension:
-                break
-            norm = product.norm()
-            if norm <= 1e-10 * tridiagonal[: k + 1, : k + 1].abs().max().clamp_min(1e-30):
-                # Invariant subspace found: continue from a fresh direction orthogonal to the basis.
-                product = torch.randn(p, generator=generator, dtype=dtype).to(operator.device)
-                for _ in range(2):
-                    product = product - basis[: k + 1].T @ (basis[: k + 1] @ product)
-                norm = product.norm()
-            vector = product / norm
-        return basis, (tridiagonal + tridiagonal.T) / 2
 
     @fit_required
     def _approximate(self, rhs: Tensor) -> Tensor:

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.enums import InversionMethod
-from lightning_influence.errors import NotFittedError, warn_user
+from lightning_influence.errors import IndefiniteCurvatureError, NotFittedError, warn_user
 from lightning_influence.model.twice_differentiable import check_finite
-from .krylov import block_conjugate_gradient
+from .krylov import block_conjugate_gradient, block_lanczos
 
 SolverT = TypeVar("SolverT", bound="Solver")
 Params = ParamSpec("Params")
@@ -72,6 +72,8 @@ class Solver(ABC):
     def __init__(self) -> None:
         self._operator: CurvatureOperator | None = None  # set once `fit` has completed
         self.regularization = 0.0
+        self.on_negative_curvature = "warn"
+        self._indefinite: dict[str, Any] | None = None  # set when a fit or solve finds H + λI indefinite
         self.fit_info: dict[str, Any] = {}
 
     @property
@@ -91,29 +93,70 @@ class Solver(ABC):
         names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
         return {name: getattr(self, name) for name in names}
 
-    def fit(self, operator: CurvatureOperator, regularization: float | str = 0.0) -> Solver:
+    def fit(
+        self, operator: CurvatureOperator, regularization: float | str = 0.0, on_negative_curvature: str = "warn"
+    ) -> Solver:
         """Prepare to solve with (H + λI) for the operator's H and λ = `regularization` ≥ 0.
 
-        `regularization="auto"` takes λ = AUTO_DAMPING_FRACTION · trace(H)/p (a fraction of the mean
-        eigenvalue; trace by Hutchinson's estimator for large p) and records the choice in the info. λ is taken
-        as given: it is validated once, where it enters (`InfluenceArguments`).
+        `regularization="auto"` takes λ from `auto_regularization` and records the choice in the info.
+        `on_negative_curvature` says what happens where H + λI is found not positive definite: ``"warn"`` (once per
+        fit; iterative solves stop at the first such direction and keep their best iterate) or ``"raise"``
+        (`IndefiniteCurvatureError`). Both are taken as given: they are validated once, where they enter
+        (`InfluenceArguments`).
         """
         self._operator = None
+        self._indefinite = None
+        self.on_negative_curvature = on_negative_curvature
         start = time.perf_counter()
         damping_info: dict[str, Any] = {"regularization_source": "given"}
         if regularization == "auto":
-            mean_eigenvalue = float(operator.diagonal().mean())
-            regularization = AUTO_DAMPING_FRACTION * abs(mean_eigenvalue)
-            damping_info = {
-                "regularization_source": f"auto: {AUTO_DAMPING_FRACTION:g} × trace(H)/p",
-                "mean_eigenvalue_estimate": mean_eigenvalue,
-            }
+            regularization, damping_info = auto_regularization(operator)
         self.regularization = float(regularization)
         self.fit_info = {**damping_info, **(self._fit(operator) or {})}
         self.fit_info["fit_seconds"] = time.perf_counter() - start
         self.fit_info["hessian_passes"] = operator.passes
         self._operator = operator
         return self
+
+    def found_indefinite(self, smallest: float, source: str, *, exact: bool, largest: float = 0.0) -> dict[str, Any]:
+        """Report that H + λI is not positive definite: H has the eigenvalue `smallest` (an upper bound on the
+        smallest one unless `exact`), found by `source`. Warns once per fit, or raises `IndefiniteCurvatureError`
+        under ``on_negative_curvature="raise"``; returns the facts for the info, with the λ that fixes it:
+        λ > −smallest, plus a margin of a tenth of that (or 1e-3 of the `largest` eigenvalue, if more)."""
+        needed = max(-smallest, 0.0)
+        suggested = needed + max(0.1 * needed, 1e-3 * abs(largest))
+        lower = "" if exact else " or lower"
+        message = (
+            f"H + λI is not positive definite (smallest eigenvalue {smallest:.3e}{lower} with λ = "
+            f"{self.regularization:g}, found by {source}): influence of an indefinite Hessian is unreliable. A "
+            f"hessian_regularization of about {suggested:.3g}{'' if exact else ' or more'} makes it positive "
+            "definite; or use curvature='ggn' (the Gauss-Newton matrix, positive semi-definite)."
+        )
+        if self.on_negative_curvature == "raise":
+            raise IndefiniteCurvatureError(message)
+        if self._indefinite is None:
+            warn_user(message, RuntimeWarning)
+            self._indefinite = {"smallest_eigenvalue_estimate": smallest}
+        return {"indefinite": True, "smallest_eigenvalue_estimate": smallest, "suggested_regularization": suggested}
+
+    def _krylov_limit(self, maxiter: int) -> int:
+        """Iterations a Krylov solve may take: `maxiter`, or no more than the solve that found this system
+        indefinite took (at least one), so that no later solve grinds on a system known to be indefinite."""
+        if self._indefinite is None or "iterations" not in self._indefinite:
+            return maxiter
+        return min(maxiter, max(1, self._indefinite["iterations"]))
+
+    def _check_krylov(self, info: dict[str, Any], loop: str) -> dict[str, Any]:
+        """The facts (and the warning or error) for a Krylov solve that met non-positive curvature; {} otherwise.
+        Its Rayleigh quotient ρ of H + λI bounds H's smallest eigenvalue from above by ρ − λ."""
+        if not info["negative_curvature"]:
+            return {}
+        source = (f"{loop}, which stopped at iteration {info['iterations']} on a direction of non-positive "
+                  f"curvature and kept its best iterate (Rayleigh quotient)")
+        facts = self.found_indefinite(info["curvature_rayleigh_quotient"] - self.regularization, source,
+                                      exact=False)
+        self._indefinite.setdefault("iterations", info["iterations"])  # type: ignore[union-attr]  # set above
+        return facts
 
     @fit_required
     def solve(self, rhs: Tensor) -> InverseHvpResult:
@@ -161,12 +204,14 @@ class Solver(ABC):
 class ApproximateSolver(Solver):
     """A method that stores an approximate inverse M⁻¹ ≈ (H + λI)⁻¹ at fit time (arnoldi, ekfac, nystroem).
 
-    `refine=k` then runs k steps of block conjugate gradient on the exact system (H + λI) x = b, started at
-    x₀ = M⁻¹b and preconditioned by M⁻¹. The approximation handles the directions it models; each step, one
-    pass over the training data for all right-hand sides together, recovers part of what it misses (for a
-    low-rank inverse, the many low-curvature directions that dominate influence), and every right-hand side
-    searches the directions of all of them. The residual of x₀ costs one more pass. `refine=0` (default) returns
-    M⁻¹b and solves without touching the data.
+    `refine=k` then runs k steps of block conjugate gradient on the exact system (H + λI) x = b, preconditioned by
+    M⁻¹, whose first block of search directions holds the approximation x₀ = M⁻¹b itself: each step is one pass
+    over the training data for all right-hand sides together, the residual of x₀ comes with the first, and every
+    right-hand side searches the directions of all of them. The approximation handles the directions it models;
+    the steps recover part of what it misses (for a low-rank inverse, the many low-curvature directions that
+    dominate influence). The answer is, row by row, the iterate with the smallest residual, never worse than x₀;
+    at a direction of non-positive curvature the steps stop (see `found_indefinite`). `refine=0` returns M⁻¹b
+    and solves without touching the data.
     """
 
     def __init__(self, refine: int = 0) -> None:
@@ -180,15 +225,15 @@ class ApproximateSolver(Solver):
         return self.refine > 0
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        initial = self._approximate(rhs)
         if not self.refine:
-            return initial, {}
-        solution, info = block_conjugate_gradient(self.apply_damped, rhs, self._approximate, initial=initial,
-                                                  maxiter=self.refine)
+            return self._approximate(rhs), {}
+        solution, info = block_conjugate_gradient(self.apply_damped, rhs, self._approximate,
+                                                  start_preconditioned=True, maxiter=self._krylov_limit(self.refine))
         return solution, {
             "refine_iterations": info["iterations"],
             "max_relative_residual": info["max_relative_residual"],
             "mean_relative_residual": info["mean_relative_residual"],
+            **self._check_krylov(info, "refine"),
         }
 
     @abstractmethod
@@ -200,25 +245,53 @@ class ApproximateSolver(Solver):
 AUTO_DAMPING_FRACTION = 0.1
 
 
-def spectrum_report(eigenvalues: Tensor, regularization: float, dtype: torch.dtype, *, complete: bool) -> dict:
-    """Facts about the eigenvalues of H that a solver saw, with warnings where influence becomes unreliable.
+def auto_regularization(operator: CurvatureOperator, num_probes: int = 32) -> tuple[float, dict[str, Any]]:
+    """λ for hessian_regularization="auto": AUTO_DAMPING_FRACTION × trace(H)/p, a tenth of the curvature's mean
+    eigenvalue (the heuristic of Grosse et al., 2023), with trace(H) exact for p ≤ `num_probes` and otherwise
+    Hutchinson's estimate from `num_probes` sign vectors (one pass); and the facts for the info."""
+    mean_eigenvalue = float(operator.diagonal(num_probes).mean())
+    return AUTO_DAMPING_FRACTION * abs(mean_eigenvalue), {
+        "regularization_source": f"auto: {AUTO_DAMPING_FRACTION:g} × trace(H)/p",
+        "mean_eigenvalue_estimate": mean_eigenvalue,
+    }
 
-    Warns when H + λI is not positive definite, when it is ill-conditioned for `dtype` (only when the spectrum
-    is `complete`; a low-rank method sees the top of it alone), and when λ exceeds the largest eigenvalue, so
-    that damping swamps the curvature and scores reduce to gradient similarity. Each warning names the
-    smallest eigenvalue and a hessian_regularization that would fix it.
+
+def lanczos_basis(operator: CurvatureOperator, dimension: int, block_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """`block_lanczos` on H: an orthonormal block Krylov basis Q [k, p] and T = Q H Qᵀ in the work dtype, with
+    min(`block_size`, k) vectors per pass over the data."""
+    dtype = work_dtype(operator.device)
+    return block_lanczos(
+        lambda block: operator.matmat(block.to(operator.dtype)).to(dtype), operator.num_params, dimension,
+        min(block_size, dimension), torch.Generator(device="cpu").manual_seed(seed), dtype=dtype,
+        device=operator.device,
+    )
+
+
+def extreme_eigenvalues(operator: CurvatureOperator, steps: int = 6, block_size: int = 8, seed: int = 0
+                        ) -> tuple[float, float]:
+    """(smallest, largest) Ritz values of H from `steps` block Lanczos steps of `block_size` vectors each (one pass
+    per step). The largest is accurate to a few digits for a spectrum with a few dominant eigenvalues; the
+    smallest bounds H's smallest eigenvalue from above and finds negative eigenvalues that stand out of the bulk."""
+    _, projected = lanczos_basis(operator, min(operator.num_params, steps * block_size), block_size, seed)
+    values = torch.linalg.eigvalsh(projected)
+    return float(values[0]), float(values[-1])
+
+
+def spectrum_report(solver: Solver, eigenvalues: Tensor, dtype: torch.dtype, *, complete: bool) -> dict:
+    """Facts about the eigenvalues of H that `solver` saw, with warnings where influence becomes unreliable.
+
+    Reports H + λI that is not positive definite (`Solver.found_indefinite`), warns when it is ill-conditioned
+    for `dtype` (only when the spectrum is `complete`; a low-rank method sees the top of it alone), and when λ
+    exceeds the largest eigenvalue, so that damping swamps the curvature and scores reduce to gradient
+    similarity. Each warning names the smallest eigenvalue and a hessian_regularization that would fix it.
     """
+    regularization = solver.regularization
     smallest, largest = float(eigenvalues.min()), float(eigenvalues.abs().max())
     info: dict[str, Any] = {"min_eigenvalue": smallest, "max_eigenvalue": float(eigenvalues.max())}
     damped_min = smallest + regularization
     if damped_min <= 0:
-        info["suggested_regularization"] = -smallest + 1e-3 * largest
-        warn_user(
-            f"H + λI is not positive definite (smallest eigenvalue {smallest:.3e} with λ = {regularization:g}): "
-            "influence of an indefinite Hessian is unreliable. A hessian_regularization of about "
-            f"{info['suggested_regularization']:.3g} makes it positive definite.",
-            RuntimeWarning,
-        )
+        source = "the full eigendecomposition" if complete else "the Ritz values of the kept subspace"
+        info.update(solver.found_indefinite(smallest, source, exact=complete, largest=largest))
     elif complete:
         condition = (largest + regularization) / damped_min
         info["condition_number"] = condition

@@ -64,9 +64,10 @@ class ConjugateGradientSolver(Solver, method="cg"):
             from .nystroem import NystroemSolver
 
             sketch = NystroemSolver(rank=self.preconditioner_rank, complement="damping").fit(
-                operator, self.regularization
+                operator, self.regularization, self.on_negative_curvature
             )
             vectors, values, _ = sketch.preconditioner()
+            values = values.clamp_min(0)  # an indefinite H's negative part is left to cg, which stops there
             scale = float(values.min()) + self.regularization
             self._inverse_diagonal = None
             self._low_rank = (vectors, (scale / (values + self.regularization)).clamp_max(1.0), scale)
@@ -88,10 +89,11 @@ class ConjugateGradientSolver(Solver, method="cg"):
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         variant = block_conjugate_gradient if self.block and rhs.shape[0] > 1 else conjugate_gradient
-        solution, info = variant(
-            self.apply_damped, rhs, self._precondition, rtol=self.rtol, atol=self.atol, maxiter=self.maxiter
-        )
-        if not info["converged"]:
+        known_indefinite = self._indefinite is not None
+        solution, info = variant(self.apply_damped, rhs, self._precondition, rtol=self.rtol, atol=self.atol,
+                                 maxiter=self._krylov_limit(self.maxiter))
+        info.update(self._check_krylov(info, "cg"))
+        if not info["converged"] and not info["negative_curvature"] and not known_indefinite:
             warn_user(
                 f"cg did not reach its tolerance on {info['unconverged']} of {rhs.shape[0]} right-hand sides in "
                 f"{self.maxiter} iterations (largest relative residual {info['max_relative_residual']:.2e}); raise "
@@ -99,4 +101,3 @@ class ConjugateGradientSolver(Solver, method="cg"):
                 RuntimeWarning,
             )
         return solution, info
-

@@ -50,7 +50,7 @@ class DirectSolver(Solver, method="direct"):
                 self._factors.append(decomposition)
                 spectra.append(decomposition.eigenvalues - self.regularization)
         eigenvalues = torch.cat(spectra)
-        report = spectrum_report(eigenvalues, self.regularization, operator.dtype, complete=True)
+        report = spectrum_report(self, eigenvalues, operator.dtype, complete=True)
         report["spectrum"] = "exact" if len(eigenvalues) == operator.num_params else "ends estimated by Lanczos"
         if all(isinstance(factor, Tensor) for factor in self._factors):
             return {"factorization": "cholesky", **report}

@@ -67,21 +67,28 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
         p = operator.num_params
         rank = min(self.rank, p)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        omega = torch.linalg.qr(torch.randn(p, rank, generator=generator, dtype=dtype).to(operator.device)).Q
-        product = operator.matmat(omega.T.to(operator.dtype)).to(dtype).T  # Y = H Ω, [p, r]
+        omegas = [torch.linalg.qr(torch.randn(p, rank, generator=generator, dtype=dtype).to(operator.device)).Q]
+        products = [operator.matmat(omegas[0].T.to(operator.dtype)).to(dtype).T]  # Y = H Ω, [p, r]
         for _ in range(self.power_iterations):
-            omega = torch.linalg.qr(product).Q
-            product = operator.matmat(omega.T.to(operator.dtype)).to(dtype).T
-        eigenvalues, eigenvectors = nystroem_factors(omega, product)
+            omegas.append(torch.linalg.qr(products[-1]).Q)
+            products.append(operator.matmat(omegas[-1].T.to(operator.dtype)).to(dtype).T)
+        eigenvalues, eigenvectors = nystroem_factors(omegas[-1], products[-1])
         self._eigenvalues, self._eigenvectors = eigenvalues, eigenvectors
         self._complement = 0.0
         if self.complement == "trace":
             self._complement = complement_curvature(operator, eigenvalues, self.num_probes, self.seed)
+        smallest = smallest_ritz_value(torch.cat(omegas, dim=1), torch.cat(products, dim=1))
+        facts: dict[str, Any] = {}
+        if smallest + self.regularization <= 0:
+            source = "nystroem's Rayleigh-Ritz check on its sketch (which assumes a positive semi-definite H)"
+            facts = self.found_indefinite(smallest, source, exact=False, largest=float(eigenvalues.max()))
         return {
             "rank": rank,
             "top_eigenvalue": float(eigenvalues.max()),
             "min_kept_eigenvalue": float(eigenvalues.min()),
             "complement_eigenvalue": self._complement,
+            "min_eigenvalue_estimate": smallest,
+            **facts,
         }
 
     @fit_required
@@ -102,6 +109,19 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
     def preconditioner(self) -> tuple[Tensor, Tensor, float]:
         """(U, Λ, μ): the fitted low-rank factors and complement curvature, for preconditioning."""
         return cast(Tensor, self._eigenvectors), cast(Tensor, self._eigenvalues), self._complement  # set by `_fit`
+
+
+def smallest_ritz_value(tested: Tensor, products: Tensor) -> float:
+    """The smallest Ritz value of H on the span of the columns of `tested` [p, k], given `products` = H · tested:
+    an upper bound on H's smallest eigenvalue, free from the sketch's own passes. With power iterations the
+    columns span the block Krylov space {Ω, HΩ, …}, where negative eigenvalues that stand out of the bulk show."""
+    gram = tested.T @ tested
+    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    keep = values > torch.finfo(values.dtype).eps * values.max() * gram.shape[0]
+    whiten = vectors[:, keep] / values[keep].sqrt()  # an orthonormal basis of the span is tested @ whiten
+    core = tested.T @ products
+    projected = whiten.T @ ((core + core.T) / 2) @ whiten
+    return float(torch.linalg.eigvalsh(projected)[0])
 
 
 def nystroem_factors(omega: Tensor, product: Tensor) -> tuple[Tensor, Tensor]:

@@ -43,7 +43,7 @@ from lightning_influence.engine.trust import (
 )
 from lightning_influence.enums import InfluenceType
 from lightning_influence.errors import ConvergenceError, NonFiniteError, ResultMismatchError, warn_user
-from lightning_influence.model.data import IndexedData, progress_bar
+from lightning_influence.model.data import IndexedData, progress_bar, sample_positions
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 from lightning_influence.solvers.krylov import SINGULAR_HINT
 from lightning_influence.storage.files import (
@@ -65,7 +65,8 @@ __all__ = ["ChunkHook", "compute_influence", "run_identity"]
 #: Metadata fields that, with the digests under "fingerprint", decide whether two runs are the same run.
 _IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
                     "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
-                    "num_train", "num_queries", "chunk_size", "world_size", "loss")
+                    "num_train", "num_queries", "chunk_size", "world_size", "loss", "curvature_samples",
+                    "curvature_seed")
 
 
 def versions() -> dict[str, str]:
@@ -219,7 +220,9 @@ def compute_influence(
 
     started, timings = time.perf_counter(), {}
     shard = distribution.shard(train_indices)
-    engine = InfluenceEngine(model, training_data.loader(shard, arguments.batch_size), arguments,
+    drawn = sample_positions(len(train_indices), arguments.curvature_samples, arguments.curvature_seed)
+    curvature_shard = distribution.shard([train_indices[position] for position in drawn])
+    engine = InfluenceEngine(model, training_data.loader(curvature_shard, arguments.batch_size), arguments,
                              distribution=distribution, progress=progress)
     with _timed(timings, "query_gradients"), distribution.stage("query gradients"):
         rhs = engine.query_gradients(query_data, query_indices)
@@ -244,8 +247,9 @@ def compute_influence(
         warnings += _agreed_warnings(distribution, chunked_warnings(name.replace("_", "-"), chunk_records), arguments)
     result = _gathered(distribution, local, shard, factors, query_indices)
     timings["total_seconds"] = time.perf_counter() - started
-    convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization")}
+    convergence = {k: v for k, v in info.items() if k not in ("method", "options", "regularization", "choices")}
     result.metadata = to_jsonable({**metadata, "self_influence": arguments.self_influence,
+                                   "num_curvature_examples": len(drawn), "choices": info.get("choices"),
                                    "convergence": convergence, "stages": stages, "trustworthy": not warnings,
                                    "warnings": warnings, "timings": timings, "resumed": resumed or redone})
     with distribution.stage("saving the result"):  # written once, by global rank zero
