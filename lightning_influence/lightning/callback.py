@@ -8,7 +8,6 @@ them with its `InfluenceArguments` to `storage.runs.compute_influence`, and the 
 from __future__ import annotations
 
 import datetime
-import importlib
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -22,7 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.checks import Curvature, flag, one_of, optional_flag, parameter_patterns, positive_int
+from lightning_influence.checks import (
+    Curvature,
+    flag,
+    import_object,
+    one_of,
+    optional_flag,
+    parameter_patterns,
+    positive_int,
+)
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.enums import InversionMethod
@@ -56,11 +63,7 @@ def _resolve_callable(value: str | Callable[..., Any] | None, what: str) -> Call
         if callable(found):
             return found
         raise ValueError(f"{what}={value!r} is not a function of torch.nn.functional; use a dotted path 'pkg.mod.fn'.")
-    module_name, _, attribute = value.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{what}={value!r} cannot be imported: {error}.") from error
+    found = import_object(value, what)
     if inspect.isclass(found):
         found = found()
     if not callable(found):
