@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_influence.checks import flag, parameter_patterns, parse_memory, positive_int
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
+from lightning_influence.model.attention import second_order_attention
 from lightning_influence.model.layers import LayerStructure
 
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -69,7 +70,8 @@ class TwiceDifferentiable:
     """A module and a loss seen as functions of the selected parameters θ.
 
     Args:
-        module: the trained model; its own device and dtype are used.
+        module: the trained model; its own device and dtype are used. Attention runs on kernels with second
+            derivatives during influence passes (see `evaluating`).
         loss_fn: ``loss_fn(outputs, targets)`` returning the scalar *mean* loss of a batch, such as
             ``torch.nn.functional.cross_entropy``. The per-example loss ℓ is this function on a batch of one.
         params: names or glob patterns (``"fc.*"``) of the parameters to differentiate; None for all trainable.
@@ -111,6 +113,7 @@ class TwiceDifferentiable:
         self.dtype: torch.dtype = selected[0].dtype
         self.device: torch.device = selected[0].device
         self._reverse_over_reverse = False
+        self._fixed_rows = _padding_rows(module, self.param_names)
         self._layer_structure = LayerStructure(self) if flag("layer_gradients", layer_gradients) and \
             LayerStructure.supports(self) else None
         self.max_memory = parse_memory(max_memory)
@@ -147,11 +150,18 @@ class TwiceDifferentiable:
         return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
 
     def _state(self, flat: Tensor) -> dict[str, Tensor]:
-        """All tensors `functional_call` needs: θ unflattened, the other parameters and the buffers fixed."""
+        """All tensors `functional_call` needs: θ unflattened, the other parameters and the buffers fixed.
+
+        An nn.Embedding's ``padding_idx`` row is held fixed too: torch gives it no gradient (it is never trained)
+        although the output reads it, and treating it as a constant keeps the curvature symmetric."""
         chosen = set(self.param_names)
         fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in chosen}
         buffers = dict(self.module.named_buffers())
-        return {**fixed, **buffers, **self.unflatten(flat)}
+        theta = self.unflatten(flat)
+        for name, row in self._fixed_rows.items():
+            weight = theta[name]
+            theta[name] = torch.cat([weight[:row], weight[row : row + 1].detach(), weight[row + 1 :]])
+        return {**fixed, **buffers, **theta}
 
     # -- losses -------------------------------------------------------------------------------------------
     def _batch_loss(self, flat: Tensor, inputs: Any, targets: Tensor) -> Tensor:
@@ -254,13 +264,10 @@ class TwiceDifferentiable:
         )
 
     def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only. Forward over reverse, or
-        reverse over reverse where forward mode lacks an op (see `_second_order`)."""
-        flat = self.flat_params()
-        return self._second_order(
-            lambda: hessian(self._batch_loss)(flat, inputs, targets),
-            lambda: jacrev(jacrev(self._batch_loss))(flat, inputs, targets),
-        )
+        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only. The products with every unit
+        vector (`batch_hvp`): torch.func.hessian (jacfwd of jacrev) is wrong for nn.LayerNorm in torch 2.13."""
+        identity = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return self.batch_hvp(inputs, targets, identity)
 
     def batch_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """Products of the batch's generalised Gauss–Newton matrix with k vectors, [k, p] → [k, p].
@@ -349,11 +356,12 @@ class TwiceDifferentiable:
     # -- state --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[TwiceDifferentiable]:
-        """Run in eval mode (dropout off, BatchNorm on running statistics) with grad enabled; restore after."""
+        """Run in eval mode (dropout off, BatchNorm on running statistics) with grad enabled, and attention on
+        kernels with second derivatives (`second_order_attention`); restore the modes and settings after."""
         modes = [(m, m.training) for m in self.module.modules()]
         self.module.eval()
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), second_order_attention():
                 yield self
         finally:
             for submodule, training in modes:
@@ -373,3 +381,15 @@ def check_finite(tensor: Tensor, stage: str, batch: int | None = None) -> Tensor
             "Check the inputs of that batch, the trained weights, and the loss for overflow or log(0).",
         )
     return tensor
+
+
+def _padding_rows(module: nn.Module, names: Sequence[str]) -> dict[str, int]:
+    """The ``padding_idx`` row of each selected nn.Embedding weight, by parameter name."""
+    modules = dict(module.named_modules())
+    rows = {}
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        embedding = modules.get(owner)
+        if isinstance(embedding, nn.Embedding) and attr == "weight" and embedding.padding_idx is not None:
+            rows[name] = embedding.padding_idx
+    return rows

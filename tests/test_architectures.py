@@ -1,0 +1,210 @@
+"""Transformers, embeddings and attention, against hand-written models and float64 references.
+
+The references here use plain autograd (double backward, per-example loops): torch.func.hessian
+(jacfwd of jacrev) itself is wrong for nn.LayerNorm in torch 2.13.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import TwiceDifferentiable, compute_influence_factors, compute_influences
+from lightning_influence.model.attention import second_order_attention
+
+VOCABULARY, WIDTH, CLASSES, LAMBDA = 7, 4, 3, 0.1
+DAMPED = 10.0  # above the untrained transformer's most negative Hessian eigenvalue: H + λI is positive definite
+
+
+class TextClassifier(nn.Module):
+    """Embedding, one stock nn.TransformerEncoderLayer (padding masked), mean pool, head. With `decoder`, an
+    nn.TransformerDecoderLayer attending to the embeddings as its memory follows."""
+
+    def __init__(self, decoder: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCABULARY, WIDTH, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(WIDTH, 2, dim_feedforward=8, dropout=0.1, batch_first=True)
+        self.dec = nn.TransformerDecoderLayer(WIDTH, 2, dim_feedforward=8, batch_first=True) if decoder else None
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        embedded, padding = self.emb(tokens), tokens == 0
+        hidden = self.enc(embedded, src_key_padding_mask=padding)
+        if self.dec is not None:
+            hidden = self.dec(hidden, embedded, tgt_key_padding_mask=padding, memory_key_padding_mask=padding)
+        return self.head(hidden.mean(1))
+
+
+class HandWrittenEncoder(nn.Module):
+    """nn.TransformerEncoderLayer (post-norm, ReLU) written out, with the stock layer's parameter names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.in_proj_weight = nn.Parameter(torch.empty(3 * WIDTH, WIDTH))
+        self.self_attn.in_proj_bias = nn.Parameter(torch.empty(3 * WIDTH))
+        self.self_attn.out_proj = nn.Linear(WIDTH, WIDTH)
+        self.linear1, self.linear2 = nn.Linear(WIDTH, 8), nn.Linear(8, WIDTH)
+        self.norm1, self.norm2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+
+    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
+        q, k, v = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (2, WIDTH // 2)).transpose(1, 2) for t in (q, k, v))  # [B, heads, T, d]
+        scores = q @ k.transpose(-2, -1) / (WIDTH // 2) ** 0.5
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        x = self.norm1(x + self.self_attn.out_proj(attended))
+        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+
+
+class HandWrittenClassifier(TextClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = HandWrittenEncoder()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.enc(self.emb(tokens), tokens == 0).mean(1))
+
+
+def token_data(n: int, length: int = 5, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Token sequences (0 is padding, at the end, a different amount per sequence) and labels from a rule."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCABULARY, (n, length), generator=generator)
+    for i in range(n):
+        tokens[i, length - i % 3 :] = 0
+    return tokens, (tokens.sum(1) % CLASSES)
+
+
+def loader(x: Tensor, y: Tensor, batch_size: int = 8) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def text_problem():
+    torch.manual_seed(0)
+    stock = TextClassifier().double()
+    x, y = token_data(16)
+    x_test, y_test = token_data(3, seed=1)
+    return stock, loader(x, y), loader(x_test, y_test)
+
+
+@pytest.fixture(scope="module")
+def hand_written_scores(text_problem):
+    stock, train, test = text_problem
+    hand = HandWrittenClassifier().double()
+    hand.load_state_dict(stock.state_dict())
+    model = TwiceDifferentiable(hand, F.cross_entropy)
+    return {method: compute_influences(model, train, test_data=test, inversion_method=method,
+                                       hessian_regularization=DAMPED) for method in ("direct", "cg")}
+
+
+@pytest.mark.parametrize("method", ["direct", "cg"])
+def test_stock_transformer_scores_like_a_hand_written_equivalent(text_problem, hand_written_scores, method):
+    stock, train, test = text_problem
+    model = TwiceDifferentiable(stock, F.cross_entropy)
+    scores = compute_influences(model, train, test_data=test, inversion_method=method, hessian_regularization=DAMPED)
+    torch.testing.assert_close(scores, hand_written_scores[method], rtol=1e-6, atol=1e-8)
+    assert stock.training  # dropout back on after the computation
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lissa", {"scale": 20.0, "maxiter": 30}), ("arnoldi", {"rank": 8}), ("nystroem", {"rank": 8}),
+])
+def test_every_method_runs_on_the_stock_transformer(text_problem, method, options):
+    stock, train, test = text_problem
+    model = TwiceDifferentiable(stock, F.cross_entropy)
+    scores = compute_influences(model, train, test_data=test, inversion_method=method,
+                                hessian_regularization=DAMPED, **options)
+    assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
+
+
+def padding_entries(module: nn.Module, name: str = "emb.weight") -> Tensor:
+    """A mask over θ of the embedding's padding row, which influence holds fixed."""
+    parts = []
+    for parameter_name, parameter in module.named_parameters():
+        part = torch.zeros(parameter.shape, dtype=torch.bool)
+        part[0] = parameter_name == name
+        parts.append(part.reshape(-1))
+    return torch.cat(parts)
+
+
+def example_loop(module: nn.Module, loss_fn, x: Tensor, y: Tensor, fixed: Tensor) -> Tensor:
+    """Per-example gradients by plain autograd, one example at a time (the padding row's entries zero)."""
+    rows = []
+    for i in range(len(x)):
+        loss = loss_fn(module(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))]))
+    return torch.stack(rows).masked_fill(fixed, 0)
+
+
+def hessian_products(loss: Callable[[Tensor], Tensor], theta: Tensor, vectors: Tensor) -> Tensor:
+    """∇²loss(θ) v for each row v, by plain autograd (double backward), on kernels with second derivatives."""
+    with second_order_attention():
+        theta = theta.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
+        return torch.stack([torch.autograd.grad(gradient @ v, theta, retain_graph=True)[0] for v in vectors])
+
+
+def mean_example_loss(module: nn.Module, loss_fn, x: Tensor, y: Tensor, fixed: Tensor) -> Callable[[Tensor], Tensor]:
+    """θ ↦ (1/N) Σᵢ ℓ(zᵢ), each example's loss on its own, with the entries in `fixed` (a padding row) constant."""
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [p.shape for _, p in module.named_parameters()]
+
+    def mean_loss(flat: Tensor) -> Tensor:
+        pieces = torch.where(fixed, flat.detach(), flat).split([shape.numel() for shape in shapes])
+        state = {name: piece.view(shape) for name, piece, shape in zip(names, pieces, shapes)}
+        losses = [loss_fn(functional_call(module, state, (x[i : i + 1],)), y[i : i + 1]) for i in range(len(x))]
+        return torch.stack(losses).mean()
+
+    return mean_loss
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_embedding_and_layer_norm_parameters_give_per_example_gradients_and_hvps_of_the_reference(decoder):
+    stock = TextClassifier(decoder=decoder).double()
+    x, y = token_data(6)
+    model = TwiceDifferentiable(stock, F.cross_entropy)
+    assert not model.uses_layer_gradients  # LayerNorm: the vmap path
+    vectors = torch.randn(3, model.num_params, dtype=torch.float64)
+    with model.evaluating():
+        fixed = padding_entries(stock)
+        torch.testing.assert_close(model.grad(x, y), example_loop(stock, F.cross_entropy, x, y, fixed),
+                                   rtol=1e-10, atol=1e-12)
+        expected = hessian_products(mean_example_loss(stock, F.cross_entropy, x, y, fixed), model.flat_params(),
+                                    vectors)
+        torch.testing.assert_close(model.batch_hvp(x, y, vectors), expected, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(vectors @ model.batch_hessian(x, y), expected, rtol=1e-9, atol=1e-11)
+
+
+# -- attention settings -----------------------------------------------------------------------------------------
+def attention_settings() -> tuple[bool, ...]:
+    return (torch.backends.mha.get_fastpath_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+
+
+@pytest.mark.parametrize("fastpath", [True, False])
+def test_attention_settings_are_restored_after_a_computation_also_when_it_raised(text_problem, fastpath):
+    stock, train, test = text_problem
+    model = TwiceDifferentiable(stock, F.cross_entropy)
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):  # the user's choice
+            users = attention_settings()
+            with model.evaluating():
+                assert attention_settings() == (False, False, False, True)
+            assert attention_settings() == users
+            with pytest.raises(RuntimeError, match="stop"), model.evaluating():
+                raise RuntimeError("stop")
+            assert attention_settings() == users
+            compute_influence_factors(model, train, test, "cg", hessian_perturbation=LAMBDA, maxiter=2)
+            assert attention_settings() == users
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
