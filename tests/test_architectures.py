@@ -1,4 +1,4 @@
-"""Transformers, embeddings and attention, against hand-written models and float64 references.
+"""Transformers, embeddings, attention and any model output, against hand-written models and float64 references.
 
 The references here use plain autograd (double backward, per-example loops): torch.func.hessian
 (jacfwd of jacrev) itself is wrong for nn.LayerNorm in torch 2.13.
@@ -6,6 +6,8 @@ The references here use plain autograd (double backward, per-example loops): tor
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -15,31 +17,61 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
-
-from lightning_influence import TwiceDifferentiable, compute_influence_factors, compute_influences
+from lightning_influence import (
+    CurvatureOperator,
+    InfluenceCallback,
+    TwiceDifferentiable,
+    compute_influence_factors,
+    compute_influences,
+    fit_solver,
+)
 from lightning_influence.model.attention import second_order_attention
 
 VOCABULARY, WIDTH, CLASSES, LAMBDA = 7, 4, 3, 0.1
 DAMPED = 10.0  # above the untrained transformer's most negative Hessian eigenvalue: H + λI is positive definite
 
 
-class TextClassifier(nn.Module):
-    """Embedding, one stock nn.TransformerEncoderLayer (padding masked), mean pool, head. With `decoder`, an
-    nn.TransformerDecoderLayer attending to the embeddings as its memory follows."""
+@dataclasses.dataclass
+class ModelOutput:
+    """What a Hugging Face model returns: a dataclass with `logits` (and other values the loss ignores)."""
 
-    def __init__(self, decoder: bool = False) -> None:
+    logits: Tensor
+    hidden_states: Tensor | None = None
+    loss: Tensor | None = None
+
+
+def wrap(logits: Tensor, hidden: Tensor, kind: str):
+    return {"tensor": logits, "dict": {"logits": logits, "hidden_states": hidden}, "tuple": (logits, hidden),
+            "dataclass": ModelOutput(logits, hidden)}[kind]
+
+
+LOSSES = {
+    "tensor": F.cross_entropy,
+    "dict": lambda out, y: F.cross_entropy(out["logits"], y),
+    "tuple": lambda out, y: F.cross_entropy(out[0], y),
+    "dataclass": lambda out, y: F.cross_entropy(out.logits, y),
+}
+TRANSFORMS = {"tensor": None, "dict": "logits", "tuple": "0", "dataclass": lambda out: out.logits}
+
+
+class TextClassifier(nn.Module):
+    """Embedding, one stock nn.TransformerEncoderLayer (padding masked), mean pool, head; Hugging Face-style output.
+    With `decoder`, an nn.TransformerDecoderLayer attending to the embeddings as its memory follows."""
+
+    def __init__(self, kind: str = "tensor", decoder: bool = False) -> None:
         super().__init__()
+        self.kind = kind
         self.emb = nn.Embedding(VOCABULARY, WIDTH, padding_idx=0)
         self.enc = nn.TransformerEncoderLayer(WIDTH, 2, dim_feedforward=8, dropout=0.1, batch_first=True)
         self.dec = nn.TransformerDecoderLayer(WIDTH, 2, dim_feedforward=8, batch_first=True) if decoder else None
         self.head = nn.Linear(WIDTH, CLASSES)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor):
         embedded, padding = self.emb(tokens), tokens == 0
         hidden = self.enc(embedded, src_key_padding_mask=padding)
         if self.dec is not None:
             hidden = self.dec(hidden, embedded, tgt_key_padding_mask=padding, memory_key_padding_mask=padding)
-        return self.head(hidden.mean(1))
+        return wrap(self.head(hidden.mean(1)), hidden, self.kind)
 
 
 class HandWrittenEncoder(nn.Module):
@@ -66,7 +98,7 @@ class HandWrittenEncoder(nn.Module):
 
 class HandWrittenClassifier(TextClassifier):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__("tensor")
         self.enc = HandWrittenEncoder()
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -105,13 +137,17 @@ def hand_written_scores(text_problem):
                                        hessian_regularization=DAMPED) for method in ("direct", "cg")}
 
 
-@pytest.mark.parametrize("method", ["direct", "cg"])
-def test_stock_transformer_scores_like_a_hand_written_equivalent(text_problem, hand_written_scores, method):
+@pytest.mark.parametrize("kind, method", list(itertools.product(LOSSES, ["direct", "cg"])))
+def test_stock_transformer_with_any_output_scores_like_a_hand_written_equivalent(
+    text_problem, hand_written_scores, kind, method
+):
     stock, train, test = text_problem
-    model = TwiceDifferentiable(stock, F.cross_entropy)
+    module = TextClassifier(kind).double()
+    module.load_state_dict(stock.state_dict())
+    model = TwiceDifferentiable(module, LOSSES[kind], output_transform=TRANSFORMS[kind])
     scores = compute_influences(model, train, test_data=test, inversion_method=method, hessian_regularization=DAMPED)
     torch.testing.assert_close(scores, hand_written_scores[method], rtol=1e-6, atol=1e-8)
-    assert stock.training  # dropout back on after the computation
+    assert module.training  # dropout back on after the computation
 
 
 @pytest.mark.parametrize("method, options", [
@@ -119,7 +155,9 @@ def test_stock_transformer_scores_like_a_hand_written_equivalent(text_problem, h
 ])
 def test_every_method_runs_on_the_stock_transformer(text_problem, method, options):
     stock, train, test = text_problem
-    model = TwiceDifferentiable(stock, F.cross_entropy)
+    module = TextClassifier("dict").double()
+    module.load_state_dict(stock.state_dict())
+    model = TwiceDifferentiable(module, LOSSES["dict"], output_transform="logits")
     scores = compute_influences(model, train, test_data=test, inversion_method=method,
                                 hessian_regularization=DAMPED, **options)
     assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
@@ -183,6 +221,49 @@ def test_embedding_and_layer_norm_parameters_give_per_example_gradients_and_hvps
         torch.testing.assert_close(vectors @ model.batch_hessian(x, y), expected, rtol=1e-9, atol=1e-11)
 
 
+# -- sequence losses ------------------------------------------------------------------------------------------
+class TokenTagger(nn.Module):
+    """A per-token head: logits [B, T, V] in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCABULARY, WIDTH)
+        self.attn = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.head = nn.Linear(WIDTH, VOCABULARY)
+
+    def forward(self, tokens: Tensor) -> dict[str, Tensor]:
+        hidden = self.emb(tokens)
+        return {"logits": self.head(torch.tanh(hidden + self.attn(hidden, hidden, hidden)[0]))}
+
+
+def token_mean_loss(out: dict[str, Tensor], targets: Tensor) -> Tensor:
+    """Cross-entropy averaged over the batch's tokens, padding (-100) left out: a sequence model's usual loss."""
+    return F.cross_entropy(out["logits"].flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def test_sequence_losses_with_ignore_index_are_averaged_per_sequence():
+    module = TokenTagger().double().eval()
+    x, _ = token_data(6)
+    targets = x.roll(1, dims=1).masked_fill(x == 0, -100)  # 0, 1 or 2 padded positions per sequence
+    model = TwiceDifferentiable(module, token_mean_loss, output_transform="logits")
+    no_fixed_rows = torch.zeros(model.num_params, dtype=torch.bool)
+    expected = example_loop(module, token_mean_loss, x, targets, no_fixed_rows)  # each sequence's own loss
+    vectors = torch.randn(2, model.num_params, dtype=torch.float64)
+    with model.evaluating():
+        torch.testing.assert_close(model.example_gradients(x, targets), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model.grad(x, targets), expected, rtol=1e-10, atol=1e-12)
+        products = hessian_products(mean_example_loss(module, token_mean_loss, x, targets, no_fixed_rows),
+                                    model.flat_params(), vectors)
+        torch.testing.assert_close(model.batch_hvp(x, targets, vectors), products, rtol=1e-9, atol=1e-11)
+        # The same curvature whatever the loader's batch size, though batches hold different numbers of tokens.
+        passes = [CurvatureOperator(model, loader(x, targets, size)).matmat(vectors) for size in (2, 6)]
+        torch.testing.assert_close(passes[0], passes[1], rtol=1e-9, atol=1e-11)
+        token_weighted = hessian_products(
+            lambda t: token_mean_loss(functional_call(module, model.unflatten(t), (x,)), targets),
+            model.flat_params(), vectors)
+    assert float((token_weighted - products).abs().max()) > 1e-3  # the check above tells the two apart
+
+
 # -- attention settings -----------------------------------------------------------------------------------------
 def attention_settings() -> tuple[bool, ...]:
     return (torch.backends.mha.get_fastpath_enabled(), torch.backends.cuda.flash_sdp_enabled(),
@@ -208,3 +289,68 @@ def test_attention_settings_are_restored_after_a_computation_also_when_it_raised
             assert attention_settings() == users
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+# -- output_transform: through the callback, the grammar and its errors -------------------------------------------
+def test_the_callback_passes_output_transform_to_the_model(tmp_path):
+    from lit_helpers import Classifier, blobs, loaders, make_trainer
+
+    class DictClassifier(Classifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loss_fn = LOSSES["dict"]
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"logits": self.net(x), "features": x}
+
+    callback = InfluenceCallback(output_transform="logits", curvature="ggn", method="cg", num_queries=2,
+                                 hessian_regularization=LAMBDA, top_k=2)
+    module = DictClassifier()
+    make_trainer(tmp_path, logger=False, callbacks=[callback], epochs=1).fit(module, *loaders(*blobs(24), *blobs(4)))
+    x_val, y_val = blobs(4)
+    train, test = DataLoader(TensorDataset(*blobs(24)), batch_size=8), loader(x_val[:2], y_val[:2])
+    model = TwiceDifferentiable(module, LOSSES["dict"], output_transform="logits")
+    expected = compute_influences(model, train, test_data=test, inversion_method="cg", curvature="ggn",
+                                  hessian_regularization=LAMBDA)
+    torch.testing.assert_close(callback.result.scores, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="output_transform='logits!' is not a key or attribute name"):
+        InfluenceCallback(output_transform="logits!")
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (3, TypeError, "output_transform must be None, a string or a callable, got 3"),
+    ("", ValueError, "output_transform='' is not a key or attribute name such as 'logits', an index such as '0'"),
+    ("1.5", ValueError, "output_transform='1.5' is not a key"),
+    ("no_such_package_xyz.pick", ValueError, "output_transform='no_such_package_xyz.pick' cannot be imported"),
+    ("math.pi", TypeError, "output_transform='math.pi' names a float, which is not callable"),
+])
+def test_bad_output_transforms_are_refused_where_they_enter(value, error, message):
+    with pytest.raises(error, match=message):
+        TwiceDifferentiable(TextClassifier().double(), F.cross_entropy, output_transform=value)
+
+
+@pytest.mark.parametrize("kind, transform, error, message", [
+    ("dict", "scores", ValueError, r"output_transform='scores' finds nothing in the model's output, a dict with keys "
+                                   r"\['logits', 'hidden_states'\]"),
+    ("tuple", "2", ValueError, "output_transform='2' finds nothing in the model's output, a tuple of 2 items"),
+    ("dataclass", "loss", TypeError, "output_transform='loss' picks a NoneType .* not a tensor of logits"),
+    ("dict", lambda out: out["logits"] * 1, TypeError, "must return a tensor that the model's output holds"),
+    ("dict", None, TypeError, "curvature='ggn' needs the loss as a function of one tensor of logits, but the model "
+                              "returns dict; pass output_transform="),
+])
+def test_output_transforms_that_pick_no_logits_say_what_to_pass(text_problem, kind, transform, error, message):
+    stock, train, test = text_problem
+    module = TextClassifier(kind).double()
+    module.load_state_dict(stock.state_dict())
+    model = TwiceDifferentiable(module, LOSSES[kind], output_transform=transform)
+    with pytest.raises(error, match=message):
+        compute_influence_factors(model, train, test, "cg", hessian_perturbation=LAMBDA, curvature="ggn")
+
+
+def test_ekfac_without_logits_says_what_to_pass(text_problem):
+    stock, train, _ = text_problem
+    module = TextClassifier("tuple").double()
+    module.load_state_dict(stock.state_dict())
+    model = TwiceDifferentiable(module, LOSSES["tuple"], params="head.*")
+    with pytest.raises(TypeError, match="EK-FAC needs the loss as a function of one tensor .* returns tuple"):
+        fit_solver(model, train, "ekfac", hessian_regularization=LAMBDA)

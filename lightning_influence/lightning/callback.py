@@ -37,6 +37,7 @@ from lightning_influence.errors import ResultMismatchError
 from lightning_influence.lightning.save_dir import default_save_dir, fresh_sibling
 from lightning_influence.lightning.strategy import distribution_for, refuse_unsupported_strategy
 from lightning_influence.model.data import BatchTransform, IndexedData
+from lightning_influence.model.outputs import OutputTransform
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
@@ -86,7 +87,10 @@ class InfluenceCallback(pl.Callback):
     Args:
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean loss, or the name of a
             ``torch.nn.functional`` function or a dotted path. Default: the module's ``loss_fn`` or
-            ``criterion`` attribute.
+            ``criterion`` attribute. ``outputs`` is exactly what the module returns (tensor, tuple, dict, dataclass).
+        output_transform: picks the logits from a module output that is not one tensor, for ``curvature="ggn"``,
+            EK-FAC and the fast per-layer gradients: a key or attribute name (``"logits"``), an index (``"0"``), a
+            dotted path to a function, or a callable (see `TwiceDifferentiable`).
         query_data: a map-style Dataset or a DataLoader over one. Default: the trainer's validation data.
         num_queries: use the first ``num_queries`` query examples (None: all). Ignored with ``query_indices``.
         query_indices: dataset indices of the query examples.
@@ -127,6 +131,7 @@ class InfluenceCallback(pl.Callback):
         self,
         *,
         loss_fn: str | Callable[..., Any] | None = None,
+        output_transform: str | Callable[..., Any] | None = None,
         query_data: Dataset | DataLoader | None = None,
         num_queries: int | None = 8,
         query_indices: Sequence[int] | None = None,
@@ -157,6 +162,7 @@ class InfluenceCallback(pl.Callback):
             max_memory=max_memory,
         )
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
+        self.output_transform = OutputTransform(output_transform)
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
         self.params = parameter_patterns(params)
         self.num_queries = positive_int("num_queries", num_queries, allow_none=True)
@@ -211,7 +217,7 @@ class InfluenceCallback(pl.Callback):
     # -- steps --------------------------------------------------------------------------------------------
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> InfluenceResult:
         model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params,
-                                    max_memory=self.arguments.max_memory)
+                                    max_memory=self.arguments.max_memory, output_transform=self.output_transform)
         training = self.training_data
         if training is None:
             training = self._indexed(self._trainer_data(trainer, "train"), "training_data")

@@ -8,10 +8,11 @@ per-example gradients are written from it without a vmap. (Scores Σₜ δₜᵀ
 but measured on benchmark problem (b) that fused form was only 20% faster per batch than writing the block and
 one GEMM, which also keeps one scoring path for every layer type.)
 
-δ is obtained by back-propagating per-example *output* cotangents u through the network in one batched
-reverse pass (hooks record each layer's input and output). With u = ∇ₒ ℓ(oᵢ, yᵢ) computed for each example
-alone (a vmap over a batch of one), δ is exactly what the vmap path would give, for any loss; the network must
-treat examples independently (true in eval mode for standard layers).
+δ is obtained by back-propagating per-example cotangents u of the logits f (the model's output, or what
+``output_transform`` picks) through the network in one batched reverse pass (hooks record each layer's input
+and output). With u = ∇_f ℓ(fᵢ, yᵢ) computed for each example alone (a vmap over a batch of one), δ is exactly
+what the vmap path would give, for any loss; the network must treat examples independently (true in eval
+mode for standard layers).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
+from torch.func import grad, jacfwd, vmap
 
 from lightning_influence.errors import LayerFormError
+from lightning_influence.model.outputs import get_at
 
 if TYPE_CHECKING:  # the model imports this module for its per-layer path
     from lightning_influence.model.twice_differentiable import TwiceDifferentiable
@@ -158,7 +160,7 @@ class LayerStructure:
             parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
-    def forward(self, inputs: Any) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward(self, inputs: Any) -> tuple[Any, list[Tensor], list[Tensor]]:
         """Run the module once, recording each layer's input a [B, T, in'] and its output s (kept in the graph).
 
         Returns (outputs, [a per layer], [s per layer]). A layer called more than once per forward (weight
@@ -195,9 +197,9 @@ class LayerStructure:
         return outputs, activations, layer_outputs
 
     @staticmethod
-    def backward(outputs: Tensor, layer_outputs: list[Tensor], cotangent: Tensor, retain: bool) -> list[Tensor]:
-        """δ for every layer as [B, T, out] from one reverse pass with output cotangent u ([B, *out_shape])."""
-        deltas = torch.autograd.grad(outputs, layer_outputs, grad_outputs=cotangent, retain_graph=retain)
+    def backward(logits: Tensor, layer_outputs: list[Tensor], cotangent: Tensor, retain: bool) -> list[Tensor]:
+        """δ for every layer as [B, T, out] from one reverse pass with cotangent u ([B, *logits_shape])."""
+        deltas = torch.autograd.grad(logits, layer_outputs, grad_outputs=cotangent, retain_graph=retain)
         shaped = []
         for delta in deltas:
             if delta.ndim == 4:  # Conv2d output [B, out, H, W] → [B, H·W, out]
@@ -206,26 +208,23 @@ class LayerStructure:
                 shaped.append(delta.reshape(delta.shape[0], -1, delta.shape[-1]))
         return shaped
 
-    def example_output_gradients(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """u = ∇ₒ ℓ(oᵢ, yᵢ) per example, each computed on a batch of one (the loss's own per-example meaning)."""
-        loss_fn = self.model.loss_fn
+    @staticmethod
+    def example_output_gradients(logits: Tensor, loss: Callable[[Tensor, Tensor], Tensor], targets: Tensor
+                                 ) -> Tensor:
+        """u = ∇_f ℓ(fᵢ, yᵢ) per example, with `loss` = ℓ(fᵢ, yᵢ) on a batch of one (the loss's own per-example
+        meaning; see `TwiceDifferentiable.logit_loss`)."""
+        return vmap(grad(loss))(logits.detach(), targets)
 
-        def one(output: Tensor, target: Tensor) -> Tensor:
-            return loss_fn(output.unsqueeze(0), target.unsqueeze(0))
-
-        return vmap(grad(one))(outputs.detach(), targets)
-
-    def output_hessian_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-example factors R [B, K, K] with R Rᵀ = ∇²ₒ ℓ(oᵢ, yᵢ) (negative eigenvalues clipped to 0), so that
+    @staticmethod
+    def output_hessian_roots(logits: Tensor, loss: Callable[[Tensor, Tensor], Tensor], targets: Tensor) -> Tensor:
+        """Per-example factors R [B, K, K] with R Rᵀ = ∇²_f ℓ(fᵢ, yᵢ) (negative eigenvalues clipped to 0), so that
         the Gauss-Newton matrix is (1/N) Σᵢ Σ_c (Jᵢᵀ rᵢc)(Jᵢᵀ rᵢc)ᵀ over the columns rᵢc of Rᵢ."""
-        loss_fn = self.model.loss_fn
-        shape = outputs.shape[1:]
+        shape = logits.shape[1:]
 
-        def one(flat_output: Tensor, target: Tensor) -> Tensor:
-            return loss_fn(flat_output.view(shape).unsqueeze(0), target.unsqueeze(0))
+        def one(flat_logits: Tensor, target: Tensor) -> Tensor:
+            return loss(flat_logits.view(shape), target)
 
-        flat = outputs.detach().reshape(outputs.shape[0], -1)
-        hessians = vmap(hessian(one))(flat, targets)
+        hessians = vmap(jacfwd(grad(one)))(logits.detach().reshape(logits.shape[0], -1), targets)
         hessians = (hessians + hessians.transpose(1, 2)) / 2
         values, vectors = torch.linalg.eigh(hessians)
         return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
@@ -234,11 +233,16 @@ class LayerStructure:
         """Per-example gradients [B, p] as outer products δ aᵀ: one forward and one reverse pass, no vmap.
 
         Each layer's products are written straight into their columns of the [B, p] result (one write of
-        B × p values, no intermediate copy: the write is most of the cost when p is large).
+        B × p values, no intermediate copy: the write is most of the cost when p is large). An output without
+        one tensor of logits raises LayerFormError (the vmap path takes any output).
         """
         outputs, activations, layer_outputs = self.forward(inputs)
-        cotangent = self.example_output_gradients(outputs, targets)
-        deltas = self.backward(outputs, layer_outputs, cotangent, retain=False)
+        path = self.model.output_transform.path(outputs)
+        if path is None:
+            raise LayerFormError("The model's output is not one tensor, and no output_transform picks its logits.")
+        logits = get_at(outputs, path)
+        cotangent = self.example_output_gradients(logits, self.model.logit_loss(outputs, path), targets)
+        deltas = self.backward(logits, layer_outputs, cotangent, retain=False)
         count = cotangent.shape[0]
         gradients = cotangent.new_empty(count, self.model.num_params)
         for block, delta, a in zip(self.blocks, deltas, activations):

@@ -21,6 +21,7 @@ from lightning_influence.checks import flag, parameter_patterns, parse_memory, p
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
 from lightning_influence.model.attention import second_order_attention
 from lightning_influence.model.layers import LayerStructure
+from lightning_influence.model.outputs import OutputTransform, OutputTransformLike, Path, get_at, replace_at
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -32,6 +33,9 @@ FORWARD_MODE_GAPS: tuple[tuple[type[Exception], str], ...] = (
     (NotImplementedError, "Trying to use forward AD with"),
     # A custom autograd.Function without a jvp staticmethod.
     (NotImplementedError, "to use it with forward mode AD"),
+    # The same Function under vmap (a batch's loss is the mean of its examples' losses, vmapped over them): its
+    # generated vmap rule fails on the missing tangent with this assertion.
+    (AssertionError, "flat_bdims must not be None"),
     # F.mse_loss: the forward derivative of its backward writes into an immutable zero tensor.
     (RuntimeError, "ZeroTensors are immutable"),
 )
@@ -72,8 +76,12 @@ class TwiceDifferentiable:
     Args:
         module: the trained model; its own device and dtype are used. Attention runs on kernels with second
             derivatives during influence passes (see `evaluating`).
-        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar *mean* loss of a batch, such as
-            ``torch.nn.functional.cross_entropy``. The per-example loss ℓ is this function on a batch of one.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar mean loss of a batch, such as
+            ``torch.nn.functional.cross_entropy``; ``outputs`` is exactly what the module returns (a tensor, tuple,
+            dict or dataclass). The per-example loss ℓ is this function on a batch of one, and the training
+            objective is (1/N) Σᵢ ℓ(zᵢ): where the output's logits f are known (a tensor output, or
+            ``output_transform``), a batch's loss is taken as the mean of its examples' ℓ, so that a loss that
+            averages over tokens (padding excluded) counts each sequence once; else as ``loss_fn`` on the batch.
         params: names or glob patterns (``"fc.*"``) of the parameters to differentiate; None for all trainable.
         chunk_size: examples per vectorised chunk in per-example computations (None: the whole batch). Smaller
             bounds memory without changing results.
@@ -82,7 +90,13 @@ class TwiceDifferentiable:
             are sized to fit (see `compute_influence`). Results are unchanged; None sizes by the batch alone.
         layer_gradients: form per-example gradients as per-layer outer products δ aᵀ (one batched forward and
             reverse pass) when every selected parameter belongs to an nn.Linear or nn.Conv2d used once per
-            forward; False always uses the vmap path. Both give the same values to float tolerance.
+            forward and the logits are known; False always uses the vmap path. Both give the same values to float
+            tolerance.
+        output_transform: picks the logits f from the module's output for what needs the loss as a function of one
+            tensor (``curvature="ggn"``, EK-FAC, the per-layer gradient path): None (the output is a tensor), a
+            key or attribute name (``"logits"``), an index (``"0"``), a dotted path to a function, or a callable
+            returning a tensor the output holds. The loss of f is ``loss_fn`` on the output with f put back, so
+            it must depend on the output only through f (see `lightning_influence.model.outputs`).
     """
 
     def __init__(
@@ -94,6 +108,7 @@ class TwiceDifferentiable:
         chunk_size: int | None = None,
         max_memory: int | str | None = None,
         layer_gradients: bool = True,
+        output_transform: OutputTransformLike = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -101,6 +116,7 @@ class TwiceDifferentiable:
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}.")
         self.module = module
         self.loss_fn = loss_fn
+        self.output_transform = OutputTransform(output_transform)
         self.chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
         self.param_names = select_parameters(module, params)
         named = dict(module.named_parameters())
@@ -163,19 +179,52 @@ class TwiceDifferentiable:
             theta[name] = torch.cat([weight[:row], weight[row : row + 1].detach(), weight[row + 1 :]])
         return {**fixed, **buffers, **theta}
 
+    def _outputs(self, flat: Tensor, inputs: Any) -> Any:
+        return functional_call(self.module, self._state(flat), (inputs,))
+
     # -- losses -------------------------------------------------------------------------------------------
     def _batch_loss(self, flat: Tensor, inputs: Any, targets: Tensor) -> Tensor:
-        outputs = functional_call(self.module, self._state(flat), (inputs,))
-        return self.loss_fn(outputs, targets)
+        return self.mean_loss(self._outputs(flat, inputs), targets)
 
     def _example_loss(self, flat: Tensor, inputs: Any, target: Tensor) -> Tensor:
         add_batch_dim = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t  # noqa: E731
-        return self._batch_loss(flat, tree_map(add_batch_dim, inputs), target.unsqueeze(0))
+        return self.loss_fn(self._outputs(flat, tree_map(add_batch_dim, inputs)), target.unsqueeze(0))
+
+    def mean_loss(self, outputs: Any, targets: Tensor) -> Tensor:
+        """(1/B) Σᵢ ℓ(fᵢ, yᵢ) of a batch's outputs, each example's loss on its own (a batch of one) where the
+        logits f are known; else ``loss_fn(outputs, targets)``, taken to be that mean."""
+        path = self.output_transform.path(outputs)
+        if path is None:
+            return self.loss_fn(outputs, targets)
+        return vmap(self.logit_loss(outputs, path))(get_at(outputs, path), targets).mean()
+
+    def logits(self, outputs: Any, purpose: str) -> tuple[Tensor, Path]:
+        """The logits f [B, ...] in a batch's `outputs` and where they sit; TypeError saying what to pass where
+        the output is not one tensor and no `output_transform` picks one (`purpose` names what needs it)."""
+        path = self.output_transform.path(outputs)
+        if path is None:
+            raise TypeError(
+                f"{purpose} needs the loss as a function of one tensor of logits, but the model returns "
+                f"{type(outputs).__name__}; pass output_transform= to pick it: a key or attribute such as 'logits', "
+                "an index such as '0', or a callable."
+            )
+        return get_at(outputs, path), path
+
+    def logit_loss(self, outputs: Any, path: Path) -> Callable[[Tensor, Tensor], Tensor]:
+        """ℓ(fᵢ, yᵢ): one example's loss as a function of its logits fᵢ (no batch dimension), ``loss_fn`` on a
+        batch of one with fᵢ put at `path` in `outputs` (whose other values the loss must not use)."""
+
+        def one(example_logits: Tensor, target: Tensor) -> Tensor:
+            return self.loss_fn(replace_at(outputs, path, example_logits.unsqueeze(0)), target.unsqueeze(0))
+
+        return one
 
     def batch_loss(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The mean loss of a batch at the current parameters, checked to be a scalar."""
+        """The loss of a batch at the current parameters, ``loss_fn`` checked to return a scalar and
+        ``output_transform`` to pick a tensor of logits."""
         try:
-            loss = self._batch_loss(self.flat_params(), inputs, targets)
+            outputs = self._outputs(self.flat_params(), inputs)
+            loss = self.loss_fn(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as error:
             if is_out_of_memory(error):
                 raise
@@ -189,6 +238,7 @@ class TwiceDifferentiable:
             raise ValueError(
                 f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean'."
             )
+        self.output_transform.path(outputs)  # a transform that picks no tensor says so here, on the first batch
         return loss
 
     # -- first derivatives --------------------------------------------------------------------------------
@@ -248,7 +298,7 @@ class TwiceDifferentiable:
         if not self._reverse_over_reverse:
             try:
                 return forward_mode()
-            except RuntimeError as error:
+            except (RuntimeError, AssertionError) as error:
                 if not forward_mode_unsupported(error):
                     raise
                 self._reverse_over_reverse = True
@@ -277,31 +327,32 @@ class TwiceDifferentiable:
         contributes through the model's own curvature. G is positive semi-definite for a convex loss (cross
         entropy, squared error), so G + λI is invertible for every λ > 0. Each product is one jvp through the
         model, one Hessian-vector product of the loss in its outputs, and one vjp back; forward mode falls back
-        to reverse mode as in `batch_hvp`.
+        to reverse mode as in `batch_hvp`. f is the output's logits (see `output_transform`), and ∇²_f L the
+        Hessian of (1/B) Σᵢ ℓ(fᵢ), each example's loss on its own.
         """
         flat = self.flat_params()
+        primal: list[tuple[Any, Path]] = []  # the first call's output and where f is in it, for the loss of f
 
         def forward(theta: Tensor) -> Tensor:
-            outputs = functional_call(self.module, self._state(theta), (inputs,))
-            if not isinstance(outputs, Tensor):
-                raise TypeError(
-                    f"curvature='ggn' needs the model to return one tensor of outputs, got {type(outputs).__name__}; "
-                    "use curvature='hessian'."
-                )
-            return outputs
+            outputs = self._outputs(theta, inputs)
+            logits, path = self.logits(outputs, "curvature='ggn'")
+            if not primal:
+                primal.append((outputs, path))
+            return logits
 
-        outputs, pullback = vjp(forward, flat)
-        outputs = outputs.detach()
-        output_gradient = lambda out: grad(lambda o: self.loss_fn(o, targets))(out)  # noqa: E731
+        logits, pullback = vjp(forward, flat)
+        logits = logits.detach()
+        example_loss = self.logit_loss(*primal[0])
+        output_gradient = grad(lambda f: vmap(example_loss)(f, targets).mean())
 
         def forward_mode(vector: Tensor) -> Tensor:
             tangent = jvp(forward, (flat,), (vector,))[1]
-            return pullback(jvp(output_gradient, (outputs,), (tangent,))[1])[0]
+            return pullback(jvp(output_gradient, (logits,), (tangent,))[1])[0]
 
         def reverse_mode(vector: Tensor) -> Tensor:
             # J v as the vjp of the linear map u ↦ Jᵀu; the loss's Hessian in f is symmetric.
-            tangent = vjp(lambda u: pullback(u)[0], torch.zeros_like(outputs))[1](vector)[0]
-            return pullback(vjp(output_gradient, outputs)[1](tangent)[0])[0]
+            tangent = vjp(lambda u: pullback(u)[0], torch.zeros_like(logits))[1](vector)[0]
+            return pullback(vjp(output_gradient, logits)[1](tangent)[0])[0]
 
         return self._map_vectors(forward_mode, reverse_mode, vectors)
 

@@ -14,6 +14,7 @@ Rᵢ Rᵢᵀ = ∇²ₒ ℓ(oᵢ, yᵢ) (the per-example Hessian of the loss in 
 back-propagated as an output cotangent, so GGN = (1/N) Σᵢ Σ_c gᵢc gᵢcᵀ with no sampling noise (K reverse passes
 per batch). `samples=k` instead back-propagates k random combinations Rᵢ ξ (ξ Rademacher), an unbiased
 estimate with k passes. All sums over examples are reduced across processes; E[·] divides by the global N.
+The network outputs are the logits f that the model's ``output_transform`` picks.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
     ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
         """Yield, per output cotangent, (activations [B,T,in'] per layer, deltas [B,T,out] per layer)."""
         outputs, activations, layer_outputs = structure.forward(inputs)
-        roots = structure.output_hessian_roots(outputs, targets)  # [B, K, K]
+        logits, path = structure.model.logits(outputs, "EK-FAC")
+        roots = structure.output_hessian_roots(logits, structure.model.logit_loss(outputs, path), targets)  # [B,K,K]
         if self.samples is None:
             cotangents = [roots[:, :, c] for c in range(roots.shape[2])]
         else:
@@ -72,7 +74,7 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
                 cotangents.append(torch.einsum("bkc,bc->bk", roots, signs) / self.samples**0.5)
         for index, cotangent in enumerate(cotangents):
             retain = index + 1 < len(cotangents)
-            deltas = structure.backward(outputs, layer_outputs, cotangent.view_as(outputs), retain=retain)
+            deltas = structure.backward(logits, layer_outputs, cotangent.view_as(logits), retain=retain)
             yield activations, deltas
 
     def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
