@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import reference_ggn
 from lightning_influence import (
     CurvatureOperator,
     InfluenceCallback,
@@ -25,7 +27,8 @@ from lightning_influence import (
     compute_influences,
     fit_solver,
 )
-from lightning_influence.model.attention import second_order_attention
+from lightning_influence.model.attention import multi_head_attention, second_order_attention
+from lightning_influence.model.layers import LayerStructure
 
 VOCABULARY, WIDTH, CLASSES, LAMBDA = 7, 4, 3, 0.1
 DAMPED = 10.0  # above the untrained transformer's most negative Hessian eigenvalue: H + λI is positive definite
@@ -163,6 +166,58 @@ def test_every_method_runs_on_the_stock_transformer(text_problem, method, option
     assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
 
 
+def test_ekfac_names_the_layers_it_would_leave_out_and_runs_on_the_rest(text_problem):
+    stock, train, test = text_problem
+    model = TwiceDifferentiable(stock, F.cross_entropy)
+    with pytest.raises(ValueError, match=r"enc\.norm1\.weight \(LayerNorm\).*enc\.norm2\.bias \(LayerNorm\)'\]\. Select "
+                                         r"only the covered layers with params=\['emb\.weight', 'enc\.self_attn"):
+        fit_solver(model, train, "ekfac", hessian_regularization=LAMBDA)
+    covered = TwiceDifferentiable(stock, F.cross_entropy, params=["emb.*", "enc.self_attn.*", "enc.linear*", "head.*"])
+    solver = fit_solver(covered, train, "ekfac", hessian_regularization=LAMBDA)
+    assert solver.fit_info["layers"] == ["emb", "enc.self_attn.q_proj", "enc.self_attn.k_proj", "enc.self_attn.v_proj",
+                                         "enc.self_attn.out_proj", "enc.linear1", "enc.linear2", "head"]
+
+
+class TiedWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCABULARY, WIDTH)
+        self.out = nn.Linear(WIDTH, VOCABULARY, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(self.emb(tokens).mean(1))
+
+
+def test_tied_weights_are_outside_the_per_layer_form():
+    model = TwiceDifferentiable(TiedWeights().double(), F.cross_entropy)
+    assert not model.uses_layer_gradients
+    with pytest.raises(ValueError, match=r"emb\.weight \(Embedding, shared with \['out\.weight'\]\)"):
+        LayerStructure(model)
+
+
+# -- EK-FAC on embeddings and attention projections ---------------------------------------------------------
+class AttentionClassifier(nn.Module):
+    """Embedding, self-attention (packed in_proj) with padding masked, cross-attention with kdim ≠ embed_dim
+    (separate q, k, v weights) onto a [B, T, 3] memory from a Linear, and a head: only layers EK-FAC covers."""
+
+    def __init__(self, kind: str = "tensor", padding_idx: int | None = 0) -> None:
+        super().__init__()
+        self.kind = kind
+        self.emb = nn.Embedding(VOCABULARY, WIDTH, padding_idx=padding_idx)
+        self.attn = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.memory = nn.Linear(WIDTH, 3)
+        self.cross = nn.MultiheadAttention(WIDTH, 2, kdim=3, vdim=3, batch_first=True)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, tokens: Tensor):
+        hidden = self.emb(tokens)
+        hidden = hidden + self.attn(hidden, hidden, hidden, key_padding_mask=tokens == 0, need_weights=False)[0]
+        memory = torch.tanh(self.memory(hidden))
+        hidden = torch.tanh(hidden + self.cross(hidden, memory, memory)[0])
+        return wrap(self.head(hidden.mean(1)), hidden, self.kind)
+
+
 def padding_entries(module: nn.Module, name: str = "emb.weight") -> Tensor:
     """A mask over θ of the embedding's padding row, which influence holds fixed."""
     parts = []
@@ -173,6 +228,42 @@ def padding_entries(module: nn.Module, name: str = "emb.weight") -> Tensor:
     return torch.cat(parts)
 
 
+def test_ekfac_with_embedding_and_attention_projections_is_its_dense_definition():
+    torch.manual_seed(0)
+    module = AttentionClassifier("dict").double()
+    x, y = token_data(24)
+    model = TwiceDifferentiable(module, LOSSES["dict"], output_transform="logits")
+    solver = fit_solver(model, loader(x, y), "ekfac", hessian_regularization=LAMBDA)
+    structure = solver.structure
+    assert [b.name for b in structure.blocks] == ["emb", "attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                  "attn.out_proj", "memory", "cross.q_proj", "cross.k_proj",
+                                                  "cross.v_proj", "cross.out_proj", "head"]
+    assert solver._basis[0][1] is None  # the embedding's diagonal activation factor is never formed
+    plain = AttentionClassifier("tensor").double()
+    plain.load_state_dict(module.state_dict())
+    with second_order_attention():
+        ggn = reference_ggn(plain.eval(), x, y)
+    fixed = padding_entries(plain)
+    ggn[fixed], ggn[:, fixed] = 0, 0  # the padding row is held fixed
+    p = model.num_params
+    identity = torch.eye(p, dtype=torch.float64)
+    rotated = []
+    for matrix, (q_s, q_a) in zip(structure.to_matrices(identity), solver._basis):
+        rotated.append(q_s.T @ matrix if q_a is None else q_s.T @ matrix @ q_a)
+    basis = structure.from_matrices(rotated)  # columns: the Kronecker eigenvectors in θ
+    assert torch.allclose(basis.T @ basis, identity, atol=1e-10)
+    layer_of = structure.from_matrices([torch.full((1, b.out_features, b.columns), float(i), dtype=torch.float64)
+                                        for i, b in enumerate(structure.blocks)])[0]
+    same_layer = layer_of[:, None] == layer_of[None, :]
+    corrected = torch.diag(basis.T @ (ggn * same_layer) @ basis)
+    expected = basis @ torch.diag(corrected) @ basis.T
+    assert torch.allclose(solver.curvature_matrix(), expected, atol=1e-10 * float(ggn.abs().max()))
+    assert float(solver.curvature_matrix()[fixed].abs().max()) == 0
+    rhs = torch.randn(3, p, dtype=torch.float64)
+    direct = torch.linalg.solve(expected + LAMBDA * identity, rhs.T).T
+    torch.testing.assert_close(solver.solve(rhs).x, direct, rtol=1e-8, atol=1e-10)
+
+
 def example_loop(module: nn.Module, loss_fn, x: Tensor, y: Tensor, fixed: Tensor) -> Tensor:
     """Per-example gradients by plain autograd, one example at a time (the padding row's entries zero)."""
     rows = []
@@ -180,6 +271,22 @@ def example_loop(module: nn.Module, loss_fn, x: Tensor, y: Tensor, fixed: Tensor
         loss = loss_fn(module(x[i : i + 1]), y[i : i + 1])
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))]))
     return torch.stack(rows).masked_fill(fixed, 0)
+
+
+def test_per_layer_gradients_of_embeddings_attention_and_sequences_match_autograd():
+    module = AttentionClassifier("dataclass").double().eval()
+    x, y = token_data(10)
+    model = TwiceDifferentiable(module, LOSSES["dataclass"], output_transform="logits")
+    assert model.uses_layer_gradients
+    with model.evaluating():
+        expected = example_loop(module, LOSSES["dataclass"], x, y, padding_entries(module))
+        torch.testing.assert_close(model.example_gradients(x, y), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model.grad(x, y), expected, rtol=1e-10, atol=1e-12)
+    assert model.uses_layer_gradients  # the per-layer form held: no fall-back to vmap
+    unpicked = TwiceDifferentiable(module, LOSSES["dataclass"])  # no logits: the vmap path, same values
+    with unpicked.evaluating():
+        torch.testing.assert_close(unpicked.example_gradients(x, y), expected, rtol=1e-10, atol=1e-12)
+    assert not unpicked.uses_layer_gradients
 
 
 def hessian_products(loss: Callable[[Tensor], Tensor], theta: Tensor, vectors: Tensor) -> Tensor:
@@ -250,6 +357,7 @@ def test_sequence_losses_with_ignore_index_are_averaged_per_sequence():
     expected = example_loop(module, token_mean_loss, x, targets, no_fixed_rows)  # each sequence's own loss
     vectors = torch.randn(2, model.num_params, dtype=torch.float64)
     with model.evaluating():
+        assert model.uses_layer_gradients
         torch.testing.assert_close(model.example_gradients(x, targets), expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(model.grad(x, targets), expected, rtol=1e-10, atol=1e-12)
         products = hessian_products(mean_example_loss(module, token_mean_loss, x, targets, no_fixed_rows),
@@ -289,6 +397,30 @@ def test_attention_settings_are_restored_after_a_computation_also_when_it_raised
             assert attention_settings() == users
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@pytest.mark.parametrize("batch_first, kdim, extra_keys", list(itertools.product([True, False], [None, 3], [False, True])))
+def test_explicit_multi_head_attention_equals_the_module(batch_first, kdim, extra_keys):
+    module = nn.MultiheadAttention(WIDTH, 2, batch_first=batch_first, kdim=kdim, vdim=kdim,
+                                   add_bias_kv=extra_keys, add_zero_attn=extra_keys).double().eval()
+    query = torch.randn(3, 4, WIDTH, dtype=torch.float64)
+    key = torch.randn(3, 5, kdim or WIDTH, dtype=torch.float64)
+    if not batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, -2:] = True
+    causal = torch.triu(torch.ones(4, 5, dtype=torch.bool), 1)
+    recorded = []
+    for options in [{}, {"key_padding_mask": padding, "attn_mask": causal, "need_weights": False},
+                    {"attn_mask": torch.randn(6, 4, 5, dtype=torch.float64), "average_attn_weights": False}]:
+        with second_order_attention():
+            expected = module(query, key, key, **options)
+        found = multi_head_attention(module, lambda *record: recorded.append(record), query, key, key, **options)
+        torch.testing.assert_close(found[0], expected[0], rtol=1e-12, atol=1e-12)
+        assert (found[1] is None) == (expected[1] is None)
+        if found[1] is not None:
+            torch.testing.assert_close(found[1], expected[1], rtol=1e-12, atol=1e-12)
+    assert [role for role, *_ in recorded] == [0, 1, 2] * 3
 
 
 # -- output_transform: through the callback, the grammar and its errors -------------------------------------------

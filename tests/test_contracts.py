@@ -99,7 +99,7 @@ def test_a_failed_fit_leaves_the_solver_unfitted(problem):
     outside = TwiceDifferentiable(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double(),
                                   F.cross_entropy)
     solver = make_solver("ekfac")
-    with pytest.raises(ValueError, match="Only nn.Linear and nn.Conv2d"):
+    with pytest.raises(ValueError, match="The per-layer form covers nn.Linear, nn.Conv2d"):
         solver.fit(CurvatureOperator(outside, loader(x, y)))
     assert not solver.is_fitted
     with pytest.raises(NotFittedError):

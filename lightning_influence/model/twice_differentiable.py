@@ -89,9 +89,9 @@ class TwiceDifferentiable:
             each batch's per-example gradients are formed ``example_rows()`` rows at a time, and result chunks
             are sized to fit (see `compute_influence`). Results are unchanged; None sizes by the batch alone.
         layer_gradients: form per-example gradients as per-layer outer products δ aᵀ (one batched forward and
-            reverse pass) when every selected parameter belongs to an nn.Linear or nn.Conv2d used once per
-            forward and the logits are known; False always uses the vmap path. Both give the same values to float
-            tolerance.
+            reverse pass) when every selected parameter belongs to a layer that `LayerStructure` covers (nn.Linear,
+            nn.Conv2d, nn.Embedding, nn.MultiheadAttention's projections) used once per forward and the logits
+            are known; False always uses the vmap path. Both give the same values to float tolerance.
         output_transform: picks the logits f from the module's output for what needs the loss as a function of one
             tensor (``curvature="ggn"``, EK-FAC, the per-layer gradient path): None (the output is a tensor), a
             key or attribute name (``"logits"``), an index (``"0"``), a dotted path to a function, or a callable
