@@ -189,11 +189,15 @@ class TiedWeights(nn.Module):
         return self.out(self.emb(tokens).mean(1))
 
 
-def test_tied_weights_are_outside_the_per_layer_form():
+def test_tied_weights_and_renormalised_embeddings_are_outside_the_per_layer_form():
     model = TwiceDifferentiable(TiedWeights().double(), F.cross_entropy)
     assert not model.uses_layer_gradients
     with pytest.raises(ValueError, match=r"emb\.weight \(Embedding, shared with \['out\.weight'\]\)"):
         LayerStructure(model)
+    renormalised = nn.Sequential(nn.Embedding(VOCABULARY, WIDTH, max_norm=1.0), nn.Flatten(), nn.Linear(2 * WIDTH, 3))
+    with pytest.raises(ValueError, match=r"0\.weight \(Embedding, max_norm\)'\]\. Select only the covered layers "
+                                         r"with params=\['2\.weight', '2\.bias'\]"):
+        LayerStructure(TwiceDifferentiable(renormalised, F.cross_entropy))
 
 
 # -- EK-FAC on embeddings and attention projections ---------------------------------------------------------

@@ -81,15 +81,17 @@ class LayerBlock:
 
 
 def _problem(module: nn.Module | None, attr: str) -> str | None:
-    """Why parameter `attr` of `module` is outside the per-layer form, or None when it is covered."""
+    """Why parameter `attr` of `module` is outside the per-layer form ("" for a module type it does not cover),
+    or None when it is covered."""
     if isinstance(module, nn.MultiheadAttention):
         covered = attr in ATTENTION_WEIGHTS or attr == "in_proj_bias"
         return None if covered else "not a projection"
     if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or attr not in ("weight", "bias"):
         return ""
-    if isinstance(module, nn.Embedding):
-        return "max_norm" if module.max_norm is not None else "scale_grad_by_freq" if module.scale_grad_by_freq \
-            else None
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "max_norm"  # renormalises the weight in place as it runs
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return "scale_grad_by_freq"  # its gradient is not the loss's
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"groups={module.groups}"
