@@ -6,6 +6,7 @@ method's options, `TwiceDifferentiable` for the model wrapper. The layers below 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Literal
 
 #: The curvature matrices every method can invert.
@@ -110,3 +111,13 @@ def parse_memory(value: int | str | None, name: str = "max_memory") -> int | Non
     if size <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}.")
     return size
+
+
+def import_object(path: str, what: str) -> Any:
+    """The object that a dotted path 'package.module.name' names; ValueError naming `what` when it cannot be
+    imported."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{what}={path!r} cannot be imported: {error}.") from error

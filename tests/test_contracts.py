@@ -99,7 +99,7 @@ def test_a_failed_fit_leaves_the_solver_unfitted(problem):
     outside = TwiceDifferentiable(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double(),
                                   F.cross_entropy)
     solver = make_solver("ekfac")
-    with pytest.raises(ValueError, match="Only nn.Linear and nn.Conv2d"):
+    with pytest.raises(ValueError, match="The per-layer form covers nn.Linear, nn.Conv2d"):
         solver.fit(CurvatureOperator(outside, loader(x, y)))
     assert not solver.is_fitted
     with pytest.raises(NotFittedError):
@@ -185,7 +185,6 @@ class SquareWithoutJvp(torch.autograd.Function):
 
 LOSSES_WITHOUT_FORWARD_MODE = {
     "huber_loss": F.huber_loss,  # huber_loss_backward has no forward derivative
-    "mse_loss": F.mse_loss,  # its forward derivative writes into a zero tensor
     "function_without_jvp": lambda outputs, targets: SquareWithoutJvp.apply(outputs - targets).mean(),
 }
 
@@ -199,7 +198,7 @@ def test_forward_mode_gaps_fall_back_to_reverse_mode_with_the_right_product(loss
     model = TwiceDifferentiable(module, loss)
     vectors = torch.randn(3, model.num_params, generator=generator, dtype=torch.float64)
     flat = model.flat_params()
-    with pytest.raises(RuntimeError) as forward_error:
+    with pytest.raises((RuntimeError, AssertionError)) as forward_error:
         torch.func.jvp(lambda t: torch.func.grad(model._batch_loss)(t, x, y), (flat,), (vectors[0],))
     assert forward_mode_unsupported(forward_error.value)
 

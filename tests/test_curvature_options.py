@@ -157,7 +157,7 @@ def test_ggn_refuses_models_whose_outputs_are_not_one_tensor():
     x, y = classification_data(10)
     model = TwiceDifferentiable(TwoHeads(), lambda out, t: F.cross_entropy(out["logits"], t))
     operator = CurvatureOperator(model, loader(x, y), curvature="ggn")
-    with pytest.raises(TypeError, match="curvature='ggn' needs the model to return one tensor"):
+    with pytest.raises(TypeError, match="curvature='ggn' needs the loss as a function of one tensor.*output_transform"):
         operator.matvec(torch.ones(model.num_params, dtype=torch.float64))
 
 

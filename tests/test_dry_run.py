@@ -4,7 +4,6 @@ naming what was passed; the data given to `trainer.fit` is found even without a 
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 
@@ -70,7 +69,6 @@ FLOAT_LABELS = TensorDataset(torch.randn(4, 5), torch.tensor([0.0, 1.0, 2.0, 1.0
                      r"trainer's training data\); pass top_k ≤ 40"),
     (dict(query_indices=[2, 25]), r"query_indices must be integers in \[0, 6\): they are positions in query_data "
                                   r"\(the trainer's validation data\), a TensorDataset of 6 examples; got \[25\]"),
-    (dict(loss_fn=functools.partial(F.cross_entropy, reduction="sum")), "loss_fn sums over the batch"),
     (dict(params="head.*"), r"params \['head.\*'\] match no trainable parameter"),
     (dict(index_fn=lambda position: 1 / 0), "index_fn failed on a position of training_data"),
 ])

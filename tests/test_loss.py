@@ -24,9 +24,21 @@ from lightning_influence import (
 from lightning_influence.model.loss import loss_identity
 
 
-def test_a_summed_loss_is_refused_on_the_first_batch_and_a_mean_loss_is_not():
+class DictOutput(nn.Module):
+    """A linear model returning {"scores": ...}: its loss is taken on the whole batch, as the batch mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = linear_model()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": self.layer(x)}
+
+
+def test_a_summed_loss_is_refused_where_it_is_taken_as_the_batch_mean_and_a_mean_loss_is_not():
     x, y = classification_data(16)
-    summed = TwiceDifferentiable(linear_model(), functools.partial(F.cross_entropy, reduction="sum"))
+    summed_sum = functools.partial(F.cross_entropy, reduction="sum")
+    summed = TwiceDifferentiable(DictOutput(), lambda out, t: summed_sum(out["scores"], t))
     with pytest.raises(ValueError, match=r"loss_fn sums over the batch instead of averaging: on the first training "
                                          r"batch \(16 examples\) its value .* equals the sum of its two halves' "
                                          r"losses .* use reduction='mean'"):
@@ -34,6 +46,15 @@ def test_a_summed_loss_is_refused_on_the_first_batch_and_a_mean_loss_is_not():
     summed.check_mean_loss(x[:1], y[:1])  # one example: nothing to compare
     for mean_like in (F.cross_entropy, lambda o, t: F.cross_entropy(o, t) + 1.0):  # a constant added is no sum
         TwiceDifferentiable(linear_model(), mean_like).check_second_order(x, y)
+
+
+def test_a_summed_loss_on_known_logits_gives_the_mean_loss_influence():
+    """With the logits known every example's loss is taken on its own, so reduction='sum' cannot scale anything."""
+    x, y = classification_data(16)
+    solvers = [fit_solver(TwiceDifferentiable(linear_model(), loss), loader(x, y), "direct", hessian_regularization=0.1)
+               for loss in (F.cross_entropy, functools.partial(F.cross_entropy, reduction="sum"))]
+    rhs = torch.ones(2, solvers[0].operator.num_params, dtype=torch.float64)
+    torch.testing.assert_close(solvers[1].solve(rhs).x, solvers[0].solve(rhs).x, rtol=1e-12, atol=1e-12)
 
 
 def test_the_loss_is_named_by_import_path_or_by_a_hash_of_what_decides_it():

@@ -137,14 +137,26 @@ def test_constructor_checks_its_arguments():
         TwiceDifferentiable(mlp_model(), F.cross_entropy, chunk_size=0)
 
 
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        return {"prediction": self.layer(x)}
+
+
 def test_hessian_products_fall_back_to_reverse_mode_where_forward_mode_fails():
-    """F.mse_loss has no working forward-over-reverse in torch 2.13; the product must still be right."""
+    """F.mse_loss on a whole batch (a dict output without output_transform goes to the loss as it is) has no
+    working forward-over-reverse in torch 2.13; the product must still be right: 2/N XᵀX for a linear model."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(20, 3, generator=generator, dtype=torch.float64)
     y = torch.randn(20, 1, generator=generator, dtype=torch.float64)
-    model = TwiceDifferentiable(nn.Linear(3, 1).double(), F.mse_loss)
+    model = TwiceDifferentiable(DictOutput(), lambda out, t: F.mse_loss(out["prediction"], t))
     vectors = torch.randn(2, model.num_params, generator=generator, dtype=torch.float64)
-    torch.testing.assert_close(model.batch_hvp(x, y, vectors), vectors @ model.batch_hessian(x, y))
+    homogeneous = torch.cat([x, torch.ones(20, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(model.batch_hvp(x, y, vectors), vectors @ (2 * homogeneous.T @ homogeneous / 20))
+    assert model.reverse_mode_only
 
 
 def test_check_finite_tells_an_overflowing_sum_from_nan_and_inf():

@@ -8,7 +8,6 @@ them with its `InfluenceArguments` to `storage.runs.compute_influence`, and the 
 from __future__ import annotations
 
 import datetime
-import importlib
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -22,7 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.checks import CurvatureChoice, flag, one_of, optional_flag, parameter_patterns, positive_int
+from lightning_influence.checks import (
+    CurvatureChoice,
+    flag,
+    import_object,
+    one_of,
+    optional_flag,
+    parameter_patterns,
+    positive_int,
+)
 from lightning_influence.engine.arguments import InfluenceArguments, OnUnconverged
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.dry_run import dry_run
@@ -38,6 +45,7 @@ from lightning_influence.lightning.validation import (
 from lightning_influence.model.data import BatchTransform, IndexedData
 from lightning_influence.lightning.trainer_data import trainer_loader
 from lightning_influence.model.data import BatchTransform, IndexedData, IndexFn
+from lightning_influence.model.outputs import OutputTransform
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
@@ -64,11 +72,7 @@ def _resolve_callable(value: str | Callable[..., Any] | None, what: str) -> Call
         if callable(found):
             return found
         raise ValueError(f"{what}={value!r} is not a function of torch.nn.functional; use a dotted path 'pkg.mod.fn'.")
-    module_name, _, attribute = value.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{what}={value!r} cannot be imported: {error}.") from error
+    found = import_object(value, what)
     if inspect.isclass(found):
         found = found()
     if not callable(found):
@@ -91,7 +95,10 @@ class InfluenceCallback(pl.Callback):
     Args:
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean loss, or the name of a
             ``torch.nn.functional`` function or a dotted path. Default: the module's ``loss_fn`` or
-            ``criterion`` attribute.
+            ``criterion`` attribute. ``outputs`` is exactly what the module returns (tensor, tuple, dict, dataclass).
+        output_transform: picks the logits from a module output that is not one tensor, for ``curvature="ggn"``,
+            EK-FAC and the fast per-layer gradients: a key or attribute name (``"logits"``), an index (``"0"``), a
+            dotted path to a function, or a callable (see `TwiceDifferentiable`).
         query_data: a map-style Dataset or a DataLoader over one. Default: the trainer's validation data.
         num_queries: use the first ``num_queries`` query examples (None: all). Ignored with ``query_indices``.
         query_indices: dataset indices of the query examples.
@@ -160,6 +167,7 @@ class InfluenceCallback(pl.Callback):
         self,
         *,
         loss_fn: str | Callable[..., Any] | None = None,
+        output_transform: str | Callable[..., Any] | None = None,
         query_data: Dataset | DataLoader | None = None,
         num_queries: int | None = 8,
         query_indices: Sequence[int] | None = None,
@@ -199,6 +207,7 @@ class InfluenceCallback(pl.Callback):
         )
         self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
+        self.output_transform = OutputTransform(output_transform)
         self.batch_transform = _resolve_callable(batch_transform, "batch_transform")
         self.describe = _resolve_callable(describe, "describe")
         self.params = parameter_patterns(params)
@@ -281,7 +290,7 @@ class InfluenceCallback(pl.Callback):
         """The model, the training and query data, and the query indices of a run; `top_k` is checked against N.
         With `announce`, a `num_queries` beyond the query data is warned about (it is clamped to all of them)."""
         model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params,
-                                    max_memory=self.arguments.max_memory)
+                                    max_memory=self.arguments.max_memory, output_transform=self.output_transform)
         training = self.training_data
         if training is None:
             training = self._indexed(trainer_loader(trainer, "train"), "training_data (the trainer's training data)",

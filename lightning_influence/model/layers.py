@@ -1,17 +1,27 @@
-"""Per-layer structure of `nn.Linear` and `nn.Conv2d`: inputs a and output gradients δ from one batched pass.
+"""Per-layer structure of linear maps: inputs a and output gradients δ of each layer from one batched pass.
 
-For such a layer with output s = W a (+ b), the gradient of a per-example loss is the outer product
-∇_W ℓ = δ aᵀ with δ = ∂ℓ/∂s (summed over positions t for convolutions and sequences: Σₜ δₜ aₜᵀ). With the
-bias as a homogeneous coordinate (a ← [a, 1]) the layer's gradient is one matrix G = δ aᵀ of shape
-[out, in + 1]. Everything here works in that matrix form: it is what Kronecker-factored curvature needs, and
-per-example gradients are written from it without a vmap. (Scores Σₜ δₜᵀ F aₜ could skip the [B, p] block,
-but measured on benchmark problem (b) that fused form was only 20% faster per batch than writing the block and
-one GEMM, which also keeps one scoring path for every layer type.)
+For a layer with output s = W a (+ b), the gradient of a per-example loss is the outer product ∇_W ℓ = δ aᵀ
+with δ = ∂ℓ/∂s, summed over positions t for convolutions and sequences: Σₜ δₜ aₜᵀ. Inputs are batch-first,
+[B, ..., in]: a Linear layer on [B, T, d] is a sequence, its activations and output gradients summed over T for
+each example (as kronfluence does). With the bias as a homogeneous coordinate (a ← [a, 1]) the layer's gradient
+is one matrix G = δ aᵀ of shape [out, in + 1]. Everything here works in that matrix form: it is what
+Kronecker-factored curvature needs, and per-example gradients are written from it without a vmap. (Scores
+Σₜ δₜᵀ F aₜ could skip the [B, p] block, but measured on benchmark problem (b) that fused form was only 20%
+faster per batch than writing the block and one GEMM, which also keeps one scoring path for every layer type.)
 
-δ is obtained by back-propagating per-example *output* cotangents u through the network in one batched
-reverse pass (hooks record each layer's input and output). With u = ∇ₒ ℓ(oᵢ, yᵢ) computed for each example
-alone (a vmap over a batch of one), δ is exactly what the vmap path would give, for any loss; the network must
-treat examples independently (true in eval mode for standard layers).
+The linear maps covered:
+- nn.Linear, and nn.Conv2d (groups=1, zero padding) on unfolded patches.
+- nn.Embedding: the map Wᵀ on one-hot tokens (its weight [V, d] read as the matrix [d, V]). The tokens are kept
+  as indices, never as one-hot rows: δ aᵀ is δ summed into its token's column, and the activation factor
+  E[Σₜ aₜ aₜᵀ] is diagonal (token counts). The ``padding_idx`` token has a = 0: torch never trains its row.
+- nn.MultiheadAttention: its q, k and v input projections are three blocks (rows of ``in_proj_weight`` and
+  ``in_proj_bias`` when packed) and ``out_proj`` an nn.Linear, all seen through `explicit_attention`.
+
+δ is obtained by back-propagating per-example cotangents u of the logits f (the model's output, or what
+``output_transform`` picks) through the network in one batched reverse pass (hooks record each layer's input
+and output). With u = ∇_f ℓ(fᵢ, yᵢ) computed for each example alone (a vmap over a batch of one), δ is exactly
+what the vmap path would give, for any loss; the network must treat examples independently (true in eval
+mode for standard layers).
 """
 
 from __future__ import annotations
@@ -23,26 +33,42 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, hessian, vmap
+from torch.func import grad, jacfwd, vmap
 
 from lightning_influence.errors import LayerFormError
+from lightning_influence.model.attention import explicit_attention
+from lightning_influence.model.data import batch_size
+from lightning_influence.model.outputs import get_at
 
 if TYPE_CHECKING:  # the model imports this module for its per-layer path
     from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+COVERED = ("nn.Linear, nn.Conv2d (groups=1, zero padding), nn.Embedding (no max_norm or scale_grad_by_freq) and "
+           "nn.MultiheadAttention's projections")
+#: nn.MultiheadAttention's projection weights: the role (0 q, 1 k, 2 v) of each, None for all three packed.
+ATTENTION_WEIGHTS: dict[str, int | None] = {
+    "in_proj_weight": None, "q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2,
+}
 
 
 @dataclass
 class LayerBlock:
-    """One supported layer with at least one selected parameter, in the [out, in'] matrix form."""
+    """One linear map with at least one selected parameter, in the [out, in'] matrix form."""
 
-    name: str
+    name: str  # the module's name; "<attention>.q_proj" (k, v) for nn.MultiheadAttention's input projections
     module: nn.Module
     weight: str | None  # full parameter name when the weight is selected
     bias: str | None  # full parameter name when the bias is selected
     out_features: int
-    in_features: int  # columns of the weight matrix (in, or in·kh·kw for a convolution)
+    in_features: int  # columns of the weight matrix (in, in·kh·kw for a convolution, V for an embedding)
+    role: int | None = None  # nn.MultiheadAttention's input projections: 0 q, 1 k, 2 v
+    weight_row: int = 0  # first row of this block in its weight (a packed in_proj_weight)
+    bias_row: int = 0  # first entry of this block in its bias (in_proj_bias)
+
+    @property
+    def one_hot(self) -> bool:
+        """Whether the inputs are token indices (nn.Embedding; weight stored [in, out], diagonal input factor)."""
+        return isinstance(self.module, nn.Embedding)
 
     @property
     def columns(self) -> int:
@@ -54,61 +80,113 @@ class LayerBlock:
         return self.out_features * self.columns
 
 
-def _conv_problem(module: nn.Conv2d) -> str | None:
-    if module.groups != 1:
-        return f"groups={module.groups}"
-    if module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r}"
-    if isinstance(module.padding, str) and module.padding != "valid":
-        return f"padding={module.padding!r}"
+def _problem(module: nn.Module | None, attr: str) -> str | None:
+    """Why parameter `attr` of `module` is outside the per-layer form ("" for a module type it does not cover),
+    or None when it is covered."""
+    if isinstance(module, nn.MultiheadAttention):
+        covered = attr in ATTENTION_WEIGHTS or attr == "in_proj_bias"
+        return None if covered else "not a projection"
+    if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or attr not in ("weight", "bias"):
+        return ""
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "max_norm"  # renormalises the weight in place as it runs
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        return "scale_grad_by_freq"  # its gradient is not the loss's
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str) and module.padding != "valid":
+            return f"padding={module.padding!r}"
     return None
 
 
+def _new_block(owner: str, module: nn.Module, role: int | None) -> LayerBlock:
+    """An empty block (no parameter attached yet) for `module`, or its q/k/v projection `role`."""
+    if isinstance(module, nn.MultiheadAttention):
+        inputs = (module.embed_dim, module.kdim, module.vdim)[role]  # type: ignore[index]
+        return LayerBlock(f"{owner}.{'qkv'[role]}_proj", module, None, None, module.embed_dim, inputs, role)
+    if isinstance(module, nn.Embedding):
+        return LayerBlock(owner, module, None, None, module.embedding_dim, module.num_embeddings)
+    weight = module.weight
+    return LayerBlock(owner, module, None, None, weight.shape[0], weight[0].numel())
+
+
+def _parts(module: nn.Module, attr: str) -> list[tuple[int | None, str, int]]:
+    """(role, "weight" or "bias", first row) of each block that parameter `attr` of `module` belongs to."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return [(None, attr, 0)]
+    size = module.embed_dim
+    if attr == "in_proj_bias":
+        return [(role, "bias", role * size) for role in range(3)]
+    role = ATTENTION_WEIGHTS[attr]
+    return [(role, "weight", 0)] if role is not None else [(r, "weight", r * size) for r in range(3)]
+
+
+def _shared(module: nn.Module) -> dict[str, list[str]]:
+    """For each parameter name, the other names under which the same tensor is used (weight tying)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return {name: [other for other in group if other != name] for group in names.values() for name in group}
+
+
 def layer_blocks(model: TwiceDifferentiable) -> tuple[list[LayerBlock], list[str]]:
-    """The supported layer blocks covering the selected parameters, and the selected parameters they miss
-    (each named with its module type), in the module's order."""
+    """The layer blocks covering the selected parameters, and the selected parameters they miss (each named with
+    its module type and the reason), in the module's order."""
     modules = dict(model.module.named_modules())
-    blocks: dict[str, LayerBlock] = {}
+    shared = _shared(model.module)
+    blocks: dict[tuple[str, int | None], LayerBlock] = {}
     unsupported: list[str] = []
     for name in model.param_names:
         owner, _, attr = name.rpartition(".")
         module = modules.get(owner)
-        problem = None
-        if isinstance(module, nn.Conv2d):
-            problem = _conv_problem(module)
-        if not isinstance(module, SUPPORTED_LAYERS) or attr not in ("weight", "bias") or problem:
+        problem = _problem(module, attr)
+        if problem is None and shared[name]:
+            problem = f"shared with {shared[name]}"
+        if problem is not None:
             kind = type(module).__name__ if module is not None else "?"
             unsupported.append(f"{name} ({kind}{', ' + problem if problem else ''})")
             continue
-        if owner not in blocks:
-            weight = module.weight
-            blocks[owner] = LayerBlock(owner, module, None, None, weight.shape[0], weight[0].numel())
-        if attr == "weight":
-            blocks[owner].weight = name
-        else:
-            blocks[owner].bias = name
+        for role, part, row in _parts(module, attr):  # type: ignore[arg-type]  # None has a problem
+            block = blocks.setdefault((owner, role), _new_block(owner, module, role))  # type: ignore[arg-type]
+            setattr(block, part, name)
+            setattr(block, f"{part}_row", row)
     return list(blocks.values()), unsupported
+
+
+def token_sums(delta: Tensor, tokens: Tensor, count: int, out: Tensor | None = None) -> Tensor:
+    """Σₜ δₜ e_{tokenₜ}ᵀ per example as [B, count, d] (transposed): each δₜ [B, T, d] added into its token's row;
+    tokens [B, T] of −1 (padding) add nothing. Written into `out` when given."""
+    keep = (tokens >= 0).unsqueeze(-1)
+    index = tokens.clamp_min(0).unsqueeze(-1).expand_as(delta)
+    result = out.zero_() if out is not None else delta.new_zeros(delta.shape[0], count, delta.shape[-1])
+    return result.scatter_add_(1, index, delta * keep)
 
 
 class LayerStructure:
     """Maps flat vectors θ ∈ ℝᵖ to per-layer matrices [out, in'] and captures (a, δ) for each layer.
 
-    Raises ValueError naming the selected parameters outside supported layers.
+    Raises ValueError naming the selected parameters outside the covered layers, and the `params=` that selects
+    only the covered ones.
     """
 
     def __init__(self, model: TwiceDifferentiable) -> None:
         blocks, unsupported = layer_blocks(model)
         if unsupported:
+            missing = {entry.partition(" ")[0] for entry in unsupported}
+            covered = [name for name in model.param_names if name not in missing]
+            choice = f"Select only the covered layers with params={covered}" if covered else "None is covered"
             raise ValueError(
-                "Only nn.Linear and nn.Conv2d (groups=1, zero padding) layers are supported here; the selected "
-                f"parameters {unsupported} are in other layers. Select the supported layers only with "
-                "params=[...], or use another inversion method."
+                f"The per-layer form covers {COVERED}; it would leave out the selected parameters {unsupported}. "
+                f"{choice}, or use another inversion method."
             )
         self.model = model
         self.blocks = blocks
         offsets, offset = {}, 0
         for name, numel in zip(model.param_names, model.param_numels):
-            offsets[name] = (offset, numel)
+            offsets[name] = offset
             offset += numel
         self._offsets = offsets
 
@@ -117,6 +195,15 @@ class LayerStructure:
         return not layer_blocks(model)[1]
 
     # -- flat vectors <-> layer matrices --------------------------------------------------------------------
+    def _weight_slice(self, block: LayerBlock) -> slice:
+        """The block's weight entries in θ (contiguous: whole rows of the parameter)."""
+        start = self._offsets[block.weight] + block.weight_row * block.in_features  # type: ignore[index]
+        return slice(start, start + block.out_features * block.in_features)
+
+    def _bias_slice(self, block: LayerBlock) -> slice:
+        start = self._offsets[block.bias] + block.bias_row  # type: ignore[index]
+        return slice(start, start + block.out_features)
+
     def to_matrices(self, vectors: Tensor) -> list[Tensor]:
         """[k, p] → one [k, out, in'] per layer (weight columns first, then the bias column)."""
         k = vectors.shape[0]
@@ -124,29 +211,35 @@ class LayerStructure:
         for block in self.blocks:
             parts = []
             if block.weight:
-                start, numel = self._offsets[block.weight]
-                parts.append(vectors[:, start : start + numel].reshape(k, block.out_features, block.in_features))
+                weight = vectors[:, self._weight_slice(block)]
+                parts.append(weight.reshape(k, block.in_features, block.out_features).transpose(1, 2)
+                             if block.one_hot else weight.reshape(k, block.out_features, block.in_features))
             if block.bias:
-                start, numel = self._offsets[block.bias]
-                parts.append(vectors[:, start : start + numel].reshape(k, block.out_features, 1))
+                parts.append(vectors[:, self._bias_slice(block)].reshape(k, block.out_features, 1))
             matrices.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
         return matrices
 
     def from_matrices(self, matrices: Sequence[Tensor]) -> Tensor:
         """Inverse of `to_matrices`: per-layer [k, out, in'] → [k, p] in the flat parameter order."""
         k = matrices[0].shape[0]
-        pieces: dict[str, Tensor] = {}
+        flat = matrices[0].new_empty(k, self.model.num_params)
         for block, matrix in zip(self.blocks, matrices):
             if block.weight:
-                pieces[block.weight] = matrix[:, :, : block.in_features].reshape(k, -1)
+                weight = matrix[:, :, : block.in_features]
+                weight = weight.transpose(1, 2) if block.one_hot else weight
+                flat[:, self._weight_slice(block)] = weight.reshape(k, -1)
             if block.bias:
-                pieces[block.bias] = matrix[:, :, -1].reshape(k, -1)
-        return torch.cat([pieces[name] for name in self.model.param_names], dim=1)
+                flat[:, self._bias_slice(block)] = matrix[:, :, -1]
+        return flat
 
     # -- capture ------------------------------------------------------------------------------------------
     def _layer_input(self, block: LayerBlock, inputs: Tensor) -> Tensor:
-        """a as [B, T, in'] (T positions: 1 for a plain Linear, patches for Conv2d), bias column appended."""
+        """a as [B, T, in'] (T positions: 1 for a plain Linear, patches for Conv2d), bias column appended; for an
+        embedding the token indices [B, T], −1 at ``padding_idx``."""
         module = block.module
+        if isinstance(module, nn.Embedding):
+            tokens = inputs.reshape(inputs.shape[0], -1)
+            return tokens if module.padding_idx is None else tokens.masked_fill(tokens == module.padding_idx, -1)
         if isinstance(module, nn.Conv2d):
             padding = 0 if module.padding == "valid" else module.padding
             patches = F.unfold(inputs, module.kernel_size, module.dilation, padding, module.stride)
@@ -158,14 +251,10 @@ class LayerStructure:
             parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
-    def forward(self, inputs: Any) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Run the module once, recording each layer's input a [B, T, in'] and its output s (kept in the graph).
-
-        Returns (outputs, [a per layer], [s per layer]). A layer called more than once per forward (weight
-        sharing) breaks the outer-product form and raises LayerFormError.
-        """
-        records: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in range(len(self.blocks))}
-        handles = []
+    def _run(self, inputs: Any) -> tuple[Any, list[list[tuple[Tensor, Tensor]]]]:
+        """The module's outputs on `inputs`, and each block's recorded (input, output) pairs."""
+        records: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.blocks]
+        projections = {(id(b.module), b.role): i for i, b in enumerate(self.blocks) if b.role is not None}
 
         def hook_for(i: int) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -173,31 +262,50 @@ class LayerStructure:
 
             return hook
 
-        for i, block in enumerate(self.blocks):
-            handles.append(block.module.register_forward_hook(hook_for(i)))
+        def record(attention: nn.MultiheadAttention, role: int, layer_input: Tensor, output: Tensor) -> None:
+            if (id(attention), role) in projections:
+                records[projections[id(attention), role]].append((layer_input.detach(), output))
+
+        handles = [b.module.register_forward_hook(hook_for(i)) for i, b in enumerate(self.blocks) if b.role is None]
         try:
-            outputs = self.model.module(inputs)
+            with explicit_attention(self.model.module, record):
+                outputs = self.model.module(inputs)
         finally:
             for handle in handles:
                 handle.remove()
+        return outputs, records
+
+    def forward(self, inputs: Any) -> tuple[Any, list[Tensor], list[Tensor]]:
+        """Run the module once, recording each layer's input a [B, T, in'] and its output s (kept in the graph).
+
+        Returns (outputs, [a per layer], [s per layer]). A layer called more than once per forward (weight
+        sharing), or whose input is not batch-first, breaks the outer-product form and raises LayerFormError.
+        """
+        outputs, records = self._run(inputs)
+        count = batch_size(inputs)
         activations, layer_outputs = [], []
-        for i, block in enumerate(self.blocks):
-            if len(records[i]) != 1:
+        for block, record in zip(self.blocks, records):
+            if len(record) != 1:
                 raise LayerFormError(
-                    f"Layer {block.name!r} ran {len(records[i])} times in one forward pass; the per-layer form "
+                    f"Layer {block.name!r} ran {len(record)} times in one forward pass; the per-layer form "
                     "needs each layer used exactly once."
                 )
-            layer_input, layer_output = records[i][0]
+            layer_input, layer_output = record[0]
             if not layer_output.requires_grad:
                 raise LayerFormError(f"The output of layer {block.name!r} does not require grad.")
+            if layer_input.ndim == 0 or layer_input.shape[0] != count:
+                raise LayerFormError(
+                    f"The input of layer {block.name!r} has shape {tuple(layer_input.shape)}, not a batch of {count} "
+                    "first; the per-layer form needs batch-first layers (e.g. batch_first=True)."
+                )
             activations.append(self._layer_input(block, layer_input))
             layer_outputs.append(layer_output)
         return outputs, activations, layer_outputs
 
     @staticmethod
-    def backward(outputs: Tensor, layer_outputs: list[Tensor], cotangent: Tensor, retain: bool) -> list[Tensor]:
-        """δ for every layer as [B, T, out] from one reverse pass with output cotangent u ([B, *out_shape])."""
-        deltas = torch.autograd.grad(outputs, layer_outputs, grad_outputs=cotangent, retain_graph=retain)
+    def backward(logits: Tensor, layer_outputs: list[Tensor], cotangent: Tensor, retain: bool) -> list[Tensor]:
+        """δ for every layer as [B, T, out] from one reverse pass with cotangent u ([B, *logits_shape])."""
+        deltas = torch.autograd.grad(logits, layer_outputs, grad_outputs=cotangent, retain_graph=retain)
         shaped = []
         for delta in deltas:
             if delta.ndim == 4:  # Conv2d output [B, out, H, W] → [B, H·W, out]
@@ -206,26 +314,23 @@ class LayerStructure:
                 shaped.append(delta.reshape(delta.shape[0], -1, delta.shape[-1]))
         return shaped
 
-    def example_output_gradients(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """u = ∇ₒ ℓ(oᵢ, yᵢ) per example, each computed on a batch of one (the loss's own per-example meaning)."""
-        loss_fn = self.model.loss_fn
+    @staticmethod
+    def example_output_gradients(logits: Tensor, loss: Callable[[Tensor, Tensor], Tensor], targets: Tensor
+                                 ) -> Tensor:
+        """u = ∇_f ℓ(fᵢ, yᵢ) per example, with `loss` = ℓ(fᵢ, yᵢ) on a batch of one (the loss's own per-example
+        meaning; see `TwiceDifferentiable.logit_loss`)."""
+        return vmap(grad(loss))(logits.detach(), targets)
 
-        def one(output: Tensor, target: Tensor) -> Tensor:
-            return loss_fn(output.unsqueeze(0), target.unsqueeze(0))
-
-        return vmap(grad(one))(outputs.detach(), targets)
-
-    def output_hessian_roots(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-example factors R [B, K, K] with R Rᵀ = ∇²ₒ ℓ(oᵢ, yᵢ) (negative eigenvalues clipped to 0), so that
+    @staticmethod
+    def output_hessian_roots(logits: Tensor, loss: Callable[[Tensor, Tensor], Tensor], targets: Tensor) -> Tensor:
+        """Per-example factors R [B, K, K] with R Rᵀ = ∇²_f ℓ(fᵢ, yᵢ) (negative eigenvalues clipped to 0), so that
         the Gauss-Newton matrix is (1/N) Σᵢ Σ_c (Jᵢᵀ rᵢc)(Jᵢᵀ rᵢc)ᵀ over the columns rᵢc of Rᵢ."""
-        loss_fn = self.model.loss_fn
-        shape = outputs.shape[1:]
+        shape = logits.shape[1:]
 
-        def one(flat_output: Tensor, target: Tensor) -> Tensor:
-            return loss_fn(flat_output.view(shape).unsqueeze(0), target.unsqueeze(0))
+        def one(flat_logits: Tensor, target: Tensor) -> Tensor:
+            return loss(flat_logits.view(shape), target)
 
-        flat = outputs.detach().reshape(outputs.shape[0], -1)
-        hessians = vmap(hessian(one))(flat, targets)
+        hessians = vmap(jacfwd(grad(one)))(logits.detach().reshape(logits.shape[0], -1), targets)
         hessians = (hessians + hessians.transpose(1, 2)) / 2
         values, vectors = torch.linalg.eigh(hessians)
         return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
@@ -234,23 +339,29 @@ class LayerStructure:
         """Per-example gradients [B, p] as outer products δ aᵀ: one forward and one reverse pass, no vmap.
 
         Each layer's products are written straight into their columns of the [B, p] result (one write of
-        B × p values, no intermediate copy: the write is most of the cost when p is large).
+        B × p values, no intermediate copy: the write is most of the cost when p is large). An output without
+        one tensor of logits raises LayerFormError (the vmap path takes any output).
         """
         outputs, activations, layer_outputs = self.forward(inputs)
-        cotangent = self.example_output_gradients(outputs, targets)
-        deltas = self.backward(outputs, layer_outputs, cotangent, retain=False)
+        path = self.model.output_transform.path(outputs)
+        if path is None:
+            raise LayerFormError("The model's output is not one tensor, and no output_transform picks its logits.")
+        logits = get_at(outputs, path)
+        cotangent = self.example_output_gradients(logits, self.model.logit_loss(outputs, path), targets)
+        deltas = self.backward(logits, layer_outputs, cotangent, retain=False)
         count = cotangent.shape[0]
         gradients = cotangent.new_empty(count, self.model.num_params)
         for block, delta, a in zip(self.blocks, deltas, activations):
-            if block.weight:
-                start, numel = self._offsets[block.weight]
-                region = gradients[:, start : start + numel].view(count, block.out_features, block.in_features)
+            if block.weight and block.one_hot:
+                region = gradients[:, self._weight_slice(block)].view(count, block.in_features, block.out_features)
+                token_sums(delta, a, block.in_features, out=region)
+            elif block.weight:
+                region = gradients[:, self._weight_slice(block)].view(count, block.out_features, block.in_features)
                 weight_inputs = a[:, :, : block.in_features]
                 if a.shape[1] == 1:  # one position: a plain outer product
                     torch.mul(delta[:, 0, :, None], weight_inputs[:, 0, None, :], out=region)
                 else:
                     region.copy_(torch.einsum("bto,bti->boi", delta, weight_inputs))
             if block.bias:
-                start, numel = self._offsets[block.bias]
-                gradients[:, start : start + numel] = delta.sum(1)
+                gradients[:, self._bias_slice(block)] = delta.sum(1)
         return gradients

@@ -14,15 +14,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_influence.checks import flag, parameter_patterns, parse_memory, positive_int
 from lightning_influence.model.data import BatchSpan, slice_batch
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
+from lightning_influence.model.attention import second_order_attention
 from lightning_influence.model.data import batch_size, slice_batch
 from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.loss import loss_identity, summed_over_batch
+from lightning_influence.model.outputs import OutputTransform, OutputTransformLike, Path, get_at, replace_at
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -38,6 +40,9 @@ FORWARD_MODE_GAPS: tuple[tuple[type[Exception], str], ...] = (
     (NotImplementedError, "Trying to use forward AD with"),
     # A custom autograd.Function without a jvp staticmethod.
     (NotImplementedError, "to use it with forward mode AD"),
+    # The same Function under vmap (a batch's loss is the mean of its examples' losses, vmapped over them): its
+    # generated vmap rule fails on the missing tangent with this assertion.
+    (AssertionError, "flat_bdims must not be None"),
     # F.mse_loss: the forward derivative of its backward writes into an immutable zero tensor.
     (RuntimeError, "ZeroTensors are immutable"),
 )
@@ -76,9 +81,14 @@ class TwiceDifferentiable:
     """A module and a loss seen as functions of the selected parameters θ.
 
     Args:
-        module: the trained model; its own device and dtype are used.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar *mean* loss of a batch, such as
-            ``torch.nn.functional.cross_entropy``. The per-example loss ℓ is this function on a batch of one.
+        module: the trained model; its own device and dtype are used. Attention runs on kernels with second
+            derivatives during influence passes (see `evaluating`).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the scalar mean loss of a batch, such as
+            ``torch.nn.functional.cross_entropy``; ``outputs`` is exactly what the module returns (a tensor, tuple,
+            dict or dataclass). The per-example loss ℓ is this function on a batch of one, and the training
+            objective is (1/N) Σᵢ ℓ(zᵢ): where the output's logits f are known (a tensor output, or
+            ``output_transform``), a batch's loss is taken as the mean of its examples' ℓ, so that a loss that
+            averages over tokens (padding excluded) counts each sequence once; else as ``loss_fn`` on the batch.
         params: names or glob patterns (``"fc.*"``) of the parameters to differentiate; None for all trainable.
         chunk_size: examples per vectorised chunk in per-example computations (None: the whole batch). Smaller
             bounds memory without changing results.
@@ -86,8 +96,14 @@ class TwiceDifferentiable:
             every vectorised call takes as many examples as fit (`compute_rows`), and result chunks are sized to
             fit (see `compute_influence`). Results are unchanged; None: `DEFAULT_COMPUTE_MEMORY` per call.
         layer_gradients: form per-example gradients as per-layer outer products δ aᵀ (one batched forward and
-            reverse pass) when every selected parameter belongs to an nn.Linear or nn.Conv2d used once per
-            forward; False always uses the vmap path. Both give the same values to float tolerance.
+            reverse pass) when every selected parameter belongs to a layer that `LayerStructure` covers (nn.Linear,
+            nn.Conv2d, nn.Embedding, nn.MultiheadAttention's projections) used once per forward and the logits
+            are known; False always uses the vmap path. Both give the same values to float tolerance.
+        output_transform: picks the logits f from the module's output for what needs the loss as a function of one
+            tensor (``curvature="ggn"``, EK-FAC, the per-layer gradient path): None (the output is a tensor), a
+            key or attribute name (``"logits"``), an index (``"0"``), a dotted path to a function, or a callable
+            returning a tensor the output holds. The loss of f is ``loss_fn`` on the output with f put back, so
+            it must depend on the output only through f (see `lightning_influence.model.outputs`).
     """
 
     def __init__(
@@ -99,6 +115,7 @@ class TwiceDifferentiable:
         chunk_size: int | None = None,
         max_memory: int | str | None = None,
         layer_gradients: bool = True,
+        output_transform: OutputTransformLike = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -106,6 +123,7 @@ class TwiceDifferentiable:
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {loss_fn!r}.")
         self.module = module
         self.loss_fn = loss_fn
+        self.output_transform = OutputTransform(output_transform)
         self.chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
         self.param_names = select_parameters(module, params)
         named = dict(module.named_parameters())
@@ -119,6 +137,7 @@ class TwiceDifferentiable:
         self.device: torch.device = selected[0].device
         self._reverse_over_reverse = False
         self._activation_numel: int | None = None
+        self._fixed_rows = _padding_rows(module, self.param_names)
         self._layer_structure = LayerStructure(self) if flag("layer_gradients", layer_gradients) and \
             LayerStructure.supports(self) else None
         self.max_memory = parse_memory(max_memory)
@@ -186,25 +205,65 @@ class TwiceDifferentiable:
         return {n: piece.view(shape) for n, piece, shape in zip(self.param_names, pieces, self.param_shapes)}
 
     def _state(self, flat: Tensor) -> dict[str, Tensor]:
-        """All tensors `functional_call` needs: θ unflattened, the other parameters and the buffers fixed."""
+        """All tensors `functional_call` needs: θ unflattened, the other parameters and the buffers fixed.
+
+        An nn.Embedding's ``padding_idx`` row is held fixed too: torch gives it no gradient (it is never trained)
+        although the output reads it, and treating it as a constant keeps the curvature symmetric."""
         chosen = set(self.param_names)
         fixed = {n: p.detach() for n, p in self.module.named_parameters() if n not in chosen}
         buffers = dict(self.module.named_buffers())
-        return {**fixed, **buffers, **self.unflatten(flat)}
+        theta = self.unflatten(flat)
+        for name, row in self._fixed_rows.items():
+            weight = theta[name]
+            theta[name] = torch.cat([weight[:row], weight[row : row + 1].detach(), weight[row + 1 :]])
+        return {**fixed, **buffers, **theta}
+
+    def _outputs(self, flat: Tensor, inputs: Any) -> Any:
+        return functional_call(self.module, self._state(flat), (inputs,))
 
     # -- losses -------------------------------------------------------------------------------------------
     def _batch_loss(self, flat: Tensor, inputs: Any, targets: Tensor) -> Tensor:
-        outputs = functional_call(self.module, self._state(flat), (inputs,))
-        return self.loss_fn(outputs, targets)
+        return self.mean_loss(self._outputs(flat, inputs), targets)
 
     def _example_loss(self, flat: Tensor, inputs: Any, target: Tensor) -> Tensor:
         add_batch_dim = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t  # noqa: E731
-        return self._batch_loss(flat, tree_map(add_batch_dim, inputs), target.unsqueeze(0))
+        return self.loss_fn(self._outputs(flat, tree_map(add_batch_dim, inputs)), target.unsqueeze(0))
+
+    def mean_loss(self, outputs: Any, targets: Tensor) -> Tensor:
+        """(1/B) Σᵢ ℓ(fᵢ, yᵢ) of a batch's outputs, each example's loss on its own (a batch of one) where the
+        logits f are known; else ``loss_fn(outputs, targets)``, taken to be that mean."""
+        path = self.output_transform.path(outputs)
+        if path is None:
+            return self.loss_fn(outputs, targets)
+        return vmap(self.logit_loss(outputs, path))(get_at(outputs, path), targets).mean()
+
+    def logits(self, outputs: Any, purpose: str) -> tuple[Tensor, Path]:
+        """The logits f [B, ...] in a batch's `outputs` and where they sit; TypeError saying what to pass where
+        the output is not one tensor and no `output_transform` picks one (`purpose` names what needs it)."""
+        path = self.output_transform.path(outputs)
+        if path is None:
+            raise TypeError(
+                f"{purpose} needs the loss as a function of one tensor of logits, but the model returns "
+                f"{type(outputs).__name__}; pass output_transform= to pick it: a key or attribute such as 'logits', "
+                "an index such as '0', or a callable."
+            )
+        return get_at(outputs, path), path
+
+    def logit_loss(self, outputs: Any, path: Path) -> Callable[[Tensor, Tensor], Tensor]:
+        """ℓ(fᵢ, yᵢ): one example's loss as a function of its logits fᵢ (no batch dimension), ``loss_fn`` on a
+        batch of one with fᵢ put at `path` in `outputs` (whose other values the loss must not use)."""
+
+        def one(example_logits: Tensor, target: Tensor) -> Tensor:
+            return self.loss_fn(replace_at(outputs, path, example_logits.unsqueeze(0)), target.unsqueeze(0))
+
+        return one
 
     def batch_loss(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The mean loss of a batch at the current parameters, checked to be a scalar."""
+        """The loss of a batch at the current parameters, ``loss_fn`` checked to return a scalar and
+        ``output_transform`` to pick a tensor of logits."""
         try:
-            loss = self._batch_loss(self.flat_params(), inputs, targets)
+            outputs = self._outputs(self.flat_params(), inputs)
+            loss = self.loss_fn(outputs, targets)
         except (RuntimeError, ValueError, IndexError) as error:
             if is_out_of_memory(error):
                 raise
@@ -221,6 +280,7 @@ class TwiceDifferentiable:
             raise ValueError(
                 f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean'."
             )
+        self.output_transform.path(outputs)  # a transform that picks no tensor says so here, on the first batch
         return loss
 
     @property
@@ -229,13 +289,17 @@ class TwiceDifferentiable:
         return loss_identity(self.loss_fn)
 
     def check_mean_loss(self, inputs: Any, targets: Tensor) -> None:
-        """Refuse a loss summed over the batch: influence assumes L = (1/N) Σ ℓ, and a sum scales the curvature
-        and every score by the batch size. Compares the loss of a batch of at least two examples with its halves'."""
+        """Refuse a loss summed over the batch where it would be taken as the batch mean: influence assumes
+        L = (1/N) Σ ℓ, and a sum scales the curvature and every score by the batch size. Where the logits are known
+        (`mean_loss`) every example's loss is taken on a batch of one, so the reduction cannot matter and nothing
+        is checked. Compares the loss of a batch of at least two examples with its halves'."""
         size = batch_size(inputs)
         if size < 2:
             return
         half, flat = size // 2, self.flat_params()
         with torch.no_grad():
+            if self.output_transform.path(self._outputs(flat, slice_batch(inputs, targets, 0, 1)[0])) is not None:
+                return
             whole, first, second = (float(self._batch_loss(flat, *slice_batch(inputs, targets, start, stop)))
                                     for start, stop in ((0, size), (0, half), (half, size)))
         if summed_over_batch(whole, first, second, half, size - half):
@@ -303,7 +367,7 @@ class TwiceDifferentiable:
         if not self._reverse_over_reverse:
             try:
                 return forward_mode()
-            except RuntimeError as error:
+            except (RuntimeError, AssertionError) as error:
                 if not forward_mode_unsupported(error):
                     raise
                 self._reverse_over_reverse = True
@@ -319,13 +383,10 @@ class TwiceDifferentiable:
         )
 
     def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only. Forward over reverse, or
-        reverse over reverse where forward mode lacks an op (see `_second_order`)."""
-        flat = self.flat_params()
-        return self._second_order(
-            lambda: hessian(self._batch_loss)(flat, inputs, targets),
-            lambda: jacrev(jacrev(self._batch_loss))(flat, inputs, targets),
-        )
+        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only. The products with every unit
+        vector (`batch_hvp`): torch.func.hessian (jacfwd of jacrev) is wrong for nn.LayerNorm in torch 2.13."""
+        identity = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return self.batch_hvp(inputs, targets, identity)
 
     def batch_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """Products of the batch's generalised Gauss–Newton matrix with k vectors, [k, p] → [k, p].
@@ -335,31 +396,32 @@ class TwiceDifferentiable:
         contributes through the model's own curvature. G is positive semi-definite for a convex loss (cross
         entropy, squared error), so G + λI is invertible for every λ > 0. Each product is one jvp through the
         model, one Hessian-vector product of the loss in its outputs, and one vjp back; forward mode falls back
-        to reverse mode as in `batch_hvp`.
+        to reverse mode as in `batch_hvp`. f is the output's logits (see `output_transform`), and ∇²_f L the
+        Hessian of (1/B) Σᵢ ℓ(fᵢ), each example's loss on its own.
         """
         flat = self.flat_params()
+        primal: list[tuple[Any, Path]] = []  # the first call's output and where f is in it, for the loss of f
 
         def forward(theta: Tensor) -> Tensor:
-            outputs = functional_call(self.module, self._state(theta), (inputs,))
-            if not isinstance(outputs, Tensor):
-                raise TypeError(
-                    f"curvature='ggn' needs the model to return one tensor of outputs, got {type(outputs).__name__}; "
-                    "use curvature='hessian'."
-                )
-            return outputs
+            outputs = self._outputs(theta, inputs)
+            logits, path = self.logits(outputs, "curvature='ggn'")
+            if not primal:
+                primal.append((outputs, path))
+            return logits
 
-        outputs, pullback = vjp(forward, flat)
-        outputs = outputs.detach()
-        output_gradient = lambda out: grad(lambda o: self.loss_fn(o, targets))(out)  # noqa: E731
+        logits, pullback = vjp(forward, flat)
+        logits = logits.detach()
+        example_loss = self.logit_loss(*primal[0])
+        output_gradient = grad(lambda f: vmap(example_loss)(f, targets).mean())
 
         def forward_mode(vector: Tensor) -> Tensor:
             tangent = jvp(forward, (flat,), (vector,))[1]
-            return pullback(jvp(output_gradient, (outputs,), (tangent,))[1])[0]
+            return pullback(jvp(output_gradient, (logits,), (tangent,))[1])[0]
 
         def reverse_mode(vector: Tensor) -> Tensor:
             # J v as the vjp of the linear map u ↦ Jᵀu; the loss's Hessian in f is symmetric.
-            tangent = vjp(lambda u: pullback(u)[0], torch.zeros_like(outputs))[1](vector)[0]
-            return pullback(vjp(output_gradient, outputs)[1](tangent)[0])[0]
+            tangent = vjp(lambda u: pullback(u)[0], torch.zeros_like(logits))[1](vector)[0]
+            return pullback(vjp(output_gradient, logits)[1](tangent)[0])[0]
 
         return self._map_vectors(forward_mode, reverse_mode, vectors)
 
@@ -416,11 +478,12 @@ class TwiceDifferentiable:
     # -- state --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[TwiceDifferentiable]:
-        """Run in eval mode (dropout off, BatchNorm on running statistics) with grad enabled; restore after."""
+        """Run in eval mode (dropout off, BatchNorm on running statistics) with grad enabled, and attention on
+        kernels with second derivatives (`second_order_attention`); restore the modes and settings after."""
         modes = [(m, m.training) for m in self.module.modules()]
         self.module.eval()
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), second_order_attention():
                 yield self
         finally:
             for submodule, training in modes:
@@ -445,3 +508,15 @@ def check_finite(tensor: Tensor, stage: str, batch: int | None = None, *, inputs
             "Check the inputs of that batch, the trained weights, and the loss for overflow or log(0).",
         )
     return tensor
+
+
+def _padding_rows(module: nn.Module, names: Sequence[str]) -> dict[str, int]:
+    """The ``padding_idx`` row of each selected nn.Embedding weight, by parameter name."""
+    modules = dict(module.named_modules())
+    rows = {}
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        embedding = modules.get(owner)
+        if isinstance(embedding, nn.Embedding) and attr == "weight" and embedding.padding_idx is not None:
+            rows[name] = embedding.padding_idx
+    return rows
