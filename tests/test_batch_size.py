@@ -98,3 +98,12 @@ def test_the_spectrum_of_a_large_block_is_estimated_at_both_ends():
     assert len(estimate) < size  # Ritz values, not the whole spectrum
     assert float(estimate.min()) == pytest.approx(-0.3, rel=1e-8)
     assert float(estimate.max()) == pytest.approx(5.0, rel=1e-8)
+
+
+def test_batches_padded_to_other_lengths_are_not_joined():
+    padded = [(torch.zeros(2, length), torch.zeros(2, dtype=torch.long)) for length in (3, 3, 5, 3)]
+    joined = list(rebatched(iterate_batches(padded, torch.device("cpu"), torch.float64, name="data"),
+                            lambda inputs, targets: 100))
+    assert [tuple(inputs.shape) for _, inputs, _ in joined] == [(4, 3), (2, 5), (2, 3)]
+    assert [int(span) for span, _, _ in joined] == [0, 2, 3]
+

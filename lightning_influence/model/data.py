@@ -173,7 +173,8 @@ def rebatched(
 
     The cost of a vectorised call has a fixed part, so the loader's batch size (64 in a training loop) should
     not decide how many calls a pass makes. A loader batch larger than the limit passes whole (the caller
-    slices it); examples are never reordered.
+    slices it), batches whose examples differ in shape (sequences padded to each batch's longest) are not
+    joined, and examples are never reordered.
     """
     first = next(batches, None)
     if first is None:
@@ -183,12 +184,17 @@ def rebatched(
     size = batch_size(first[1])
     for batch in batches:
         added = batch_size(batch[1])
-        if size + added > rows:
+        if size + added > rows or _example_shapes(batch) != _example_shapes(pending[-1]):
             yield _joined(pending)
             pending, size = [], 0
         pending.append(batch)
         size += added
     yield _joined(pending)
+
+
+def _example_shapes(batch: tuple[int, Any, torch.Tensor]) -> list[tuple[int, ...]]:
+    """The shape of one example of every tensor in a batch: batches padded to other lengths cannot be joined."""
+    return [tuple(leaf.shape[1:]) for leaf in _leaves((batch[1], batch[2])) if isinstance(leaf, torch.Tensor)]
 
 
 def _joined(batches: list[tuple[int, Any, torch.Tensor]]) -> tuple[BatchSpan, Any, torch.Tensor]:
