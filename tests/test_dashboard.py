@@ -59,6 +59,18 @@ def test_runs_are_found_with_what_was_saved(logdir):
     assert (images["num_queries"], images["num_train"]) == (result.num_queries, result.num_train)
     assert images["self_influence"] and images["predictions"] and images["thumbnails"] and not images["descriptions"]
     assert runs[0]["descriptions"] and not runs[0]["thumbnails"] and not runs[0]["self_influence"]
+    assert all(r["trustworthy"] and r["warnings"] == [] for r in runs)
+
+
+def test_an_untrustworthy_run_says_so_and_why(tmp_path):
+    image_run(tmp_path / "run")
+    folder = tmp_path / "run" / "influence" / "result"
+    result = InfluenceResult.load(folder, mmap=False)
+    result.metadata.update(trustworthy=False, warnings=["The influence factors did not converge."])
+    result.save(folder)
+    status, runs, _ = Dashboard(tmp_path).get("/runs")
+    assert status == 200 and (runs[0]["trustworthy"], runs[0]["warnings"]) == (
+        False, ["The influence factors did not converge."])
 
 
 def test_a_query_names_the_results_top_examples_with_labels_and_suspect_marks(logdir):

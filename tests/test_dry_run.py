@@ -94,6 +94,7 @@ def test_queries_from_a_val_loader_without_validation_step_clamped_and_ids_in_th
     assert callback.result.query_indices.tolist() == list(range(6))
     report = tmp_path / "influence" / "version_0" / "report"
     rows = (report / "top_influence.csv").read_text().splitlines()
-    assert rows[0] == "query,query_index,query_label,kind,rank,train_index,train_id,train_label,score"
+    assert rows[0] == ("query,query_index,query_label,kind,rank,train_index,train_id,train_label,score,"
+                       "train_prediction,suspect_label,train_loss,query_prediction,query_loss")
     assert all(cells[6] == f"row-{cells[5]}" for cells in (row.split(",") for row in rows[1:]))
     assert re.search(r"^\| helpful \| 1 \| (\d+) \| row-\1 \|", (report / "influence.md").read_text(), flags=re.M)

@@ -4,6 +4,7 @@ the run, and every promised tag visible through TensorBoard's own data providers
 from __future__ import annotations
 
 import csv
+import io
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from lightning_influence import InfluenceResult, TwiceDifferentiable
 from lightning_influence.engine.predictions import example_losses, predicted_classes
@@ -154,6 +155,35 @@ def test_predictions_losses_and_suspect_labels(tmp_path):
                                                                            ("4", "true")]
 
 
+class Named(TensorDataset):
+    """A dataset that names its examples."""
+
+    def influence_id(self, position: int) -> str:
+        return f"img{position:03d}.png"
+
+
+def test_own_ids_come_from_index_fn_or_a_dataset_hook_through_wrappers(tmp_path):
+    base = Named(torch.randn(8, 5), torch.arange(8) % 3)
+    train = IndexedData(Subset(base, [7, 6, 5, 4, 3]), name="training_data")  # the hook is found through the Subset
+    assert train.ids([0, 4]) == ["img007.png", "img003.png"]
+    assert IndexedData(ConcatDataset([TensorDataset(torch.zeros(3, 5)), base])).ids([0, 3]) == ["", "img000.png"]
+    assert IndexedData(base, index_fn=lambda position: position * 10).ids([2]) == ["20"]
+    assert IndexedData(TensorDataset(torch.zeros(3, 5))).ids([0]) is None
+    with pytest.raises(ValueError, match=r"index_fn failed on a position of data \(ZeroDivisionError"):
+        IndexedData(base, index_fn=lambda position: 1 / 0).ids([0])
+    _, queries = _data(images=False)
+    write_reports(_result(), train_data=train, query_data=queries, top_k=2, folder=tmp_path)
+    assert "| | rank | train index | id | label | predicted | suspect label | score |" in (
+        tmp_path / "influence.md").read_text()
+    rows = list(csv.reader(io.StringIO((tmp_path / "top_influence.csv").read_text())))
+    assert rows[0] == ["query", "query_index", "query_label", "kind", "rank", "train_index", "train_id", "train_label",
+                       "score", "train_prediction", "suspect_label", "train_loss", "query_prediction", "query_loss"]
+    assert all(row[6] == f"img{7 - int(row[5]):03d}.png" for row in rows[1:])
+    self_rows = list(csv.reader(io.StringIO((tmp_path / "self_influence.csv").read_text())))
+    assert self_rows[0] == ["rank", "train_index", "train_id", "train_label", "self_influence", "train_prediction",
+                            "suspect_label", "train_loss"]
+
+
 def _pixels(image: np.ndarray, colour: tuple[int, int, int]) -> int:
     return int(np.all(image == np.array(colour, dtype=np.uint8), axis=2).sum())
 
@@ -184,7 +214,7 @@ def test_each_logger_gets_what_it_supports(tmp_path):
     assert metrics == pytest.approx({"influence/num_train": 5.0, "influence/num_queries": 2.0,
                                      "influence/total_seconds": 1.5, "influence/max_relative_residual": 1e-7,
                                      "influence/iterations": 12.0, "influence/min_damped_eigenvalue": 0.5 - 1e-9,
-                                     "influence/self_influence_max": 9.0})
+                                     "influence/self_influence_max": 9.0, "influence/trustworthy": 1.0})
     assert rich.logged == plain.logged
     assert rich.experiment.calls == [
         ("text", "influence/text/summary"), ("text", "influence/text/query_000"),
@@ -212,7 +242,7 @@ def test_a_failing_logger_warns_and_the_others_still_get_the_report(tmp_path):
 PROMISED = {
     "scalars": {"influence/num_train", "influence/num_queries", "influence/total_seconds",
                 "influence/self_influence_max", "influence/max_relative_residual", "influence/iterations",
-                "influence/min_damped_eigenvalue", "influence/self_influence_by_rank"},
+                "influence/min_damped_eigenvalue", "influence/self_influence_by_rank", "influence/trustworthy"},
     # PyTorch's SummaryWriter.add_text appends "/text_summary" to the tag
     "text": {"influence/text/summary/text_summary", "influence/text/query_000/text_summary",
              "influence/text/query_001/text_summary", "influence/text/self_influence/text_summary"},

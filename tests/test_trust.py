@@ -69,7 +69,7 @@ def test_an_unconverged_run_is_saved_marked_untrustworthy_and_reported_so(proble
     report = write_reports(loaded, train_data=training, query_data=queries, top_k=2, folder=tmp_path / "report")
     markdown = (report / "influence.md").read_text()
     assert markdown.startswith("**⚠ NOT TRUSTWORTHY:** The influence factors did not converge")
-    assert markdown.count("NOT TRUSTWORTHY") == 5  # above each of the 4 query tables and the self-influence table
+    assert markdown.count("NOT TRUSTWORTHY") == 6  # above the summary, the 4 query tables and the self-influence table
     assert "| factors | 1 | 2 |" in markdown and "| **no** |" in markdown  # the convergence table
     for table in ("top_influence.csv", "self_influence.csv"):
         assert (report / table).read_text().startswith("# NOT TRUSTWORTHY: The influence factors did not converge")

@@ -1,5 +1,6 @@
 """Per-example facts that reports and the dashboard show: label, the model's prediction and loss, a suspect-label
-mark, a thumbnail (image inputs) and a description (the user's `describe(input)` text, else the raw features).
+mark, a thumbnail (image inputs), a description (the user's `describe(input)` text, else the raw features) and the
+user's own ID where the data gives one (`IndexedData.ids`).
 
 They are gathered in one pass over the data when the report is written and saved in `report/examples/`, so that
 the dashboard can show any training example without the user's dataset or model. Arrays are `.npy` files
@@ -8,7 +9,7 @@ alone, also for millions of examples.
 
 Thumbnails and descriptions are kept for every training example when that fits in ALL_EXAMPLES_BUDGET bytes,
 else for the examples the dashboard's rankings can name: the top DASHBOARD_TOP helpful and harmful examples of
-every query and the top SELF_RANKING by self-influence. Labels, predictions and losses are kept for all.
+every query and the top SELF_RANKING by self-influence. Labels, predictions, losses and IDs are kept for all.
 """
 
 from __future__ import annotations
@@ -178,9 +179,12 @@ def _save_split(folder: Path, data: IndexedData, indices: Tensor, named: Callabl
     columns = _gather(data, dataset_indices, kept, side, describing, model, describe, batch_size)
     atomic_save_array(folder / "indices.npy", np.asarray(dataset_indices, dtype=np.int64))
     _save_texts(folder, "label", columns.labels)
+    ids = data.ids(dataset_indices)
+    if ids is not None:
+        _save_texts(folder, "id", ids)
     info: dict[str, Any] = {"count": count, "all_kept": keep_all, "thumbnail_side": side,
                             "predictions": len(columns.predictions) == count,
-                            "losses": bool(columns.losses), "descriptions": describing}
+                            "losses": bool(columns.losses), "descriptions": describing, "ids": ids is not None}
     if info["predictions"]:
         _save_texts(folder, "prediction", columns.predictions)
         suspect = np.array([a != b for a, b in zip(columns.labels, columns.predictions)], dtype=bool)
@@ -229,6 +233,7 @@ class Example:
     suspect: bool | None
     description: str | None
     thumbnail: bool
+    id: str | None = None  # the user's own ID (`IndexedData.ids`); "" where a wrapped dataset has none
 
 
 class _Texts:
@@ -258,6 +263,7 @@ class SplitReader:
         self.labels = _Texts(folder, "label") if folder is not None else None
         self.predictions = _Texts(folder, "prediction") if info.get("predictions") else None
         self.descriptions = _Texts(folder, "description") if info.get("descriptions") else None
+        self.ids = _Texts(folder, "id") if info.get("ids") else None
         self.losses = _optional(folder, "loss.npy", info.get("losses", False))
         self.suspects = _optional(folder, "suspect.npy", info.get("predictions", False))
         self.thumbnails = _optional(folder, "thumbnails.npy", info.get("thumbnail_side") is not None)
@@ -284,6 +290,7 @@ class SplitReader:
             suspect=None if self.suspects is None else bool(self.suspects[position]),
             description=None if self.descriptions is None or row is None else self.descriptions[row],
             thumbnail=self.thumbnails is not None and row is not None,
+            id=None if self.ids is None else self.ids[position],
         )
 
     def thumbnail(self, position: int) -> np.ndarray | None:

@@ -138,7 +138,8 @@ class InfluenceRun:
             return self._loaded
 
     def info(self) -> dict[str, Any]:
-        """The run's name and state, and for a complete run its sizes and what was saved."""
+        """The run's name and state, and for a complete run its sizes, what was saved, and whether the result is
+        trustworthy (with the warnings that say why not)."""
         if not self.complete:
             return {"name": self.name, "state": "computing"}
         try:
@@ -152,6 +153,7 @@ class InfluenceRun:
             "self_influence": result.self_influence is not None,
             "predictions": store.train.predictions is not None, "descriptions": store.train.descriptions is not None,
             "thumbnails": store.train.thumbnails is not None, "max_k": DASHBOARD_TOP, "max_self_k": SELF_RANKING,
+            "trustworthy": result.trustworthy, "warnings": result.warnings,
         }
 
     def queries(self) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The run at a glance: the numbers worth plotting as scalars, and a summary table that says what they mean.
+"""The run at a glance: the numbers worth plotting as scalars, a summary table that says what they mean, each
+stage's convergence, and the mark above every table of an untrustworthy result (`InfluenceResult.trustworthy`).
 
 Scalars are logged once, at `step` = the trainer's global step when influence was computed, so that they sit at
 the end of the training curves of the weights they describe and runs can be compared at a glance. The one series,
@@ -14,11 +15,19 @@ from typing import Any
 import numpy as np
 
 from lightning_influence.reports.examples import ExampleStore
-from lightning_influence.reports.tables import Row
+from lightning_influence.reports.tables import Row, markdown_table
 from lightning_influence.storage.result import InfluenceResult
 
 TAG = "influence"
 RANKS_PLOTTED = 1000  # points of the self-influence-by-rank series
+
+
+def tag(kind: str, name: str) -> str:
+    """`influence/<kind>/<name>`, e.g. `influence/images/query_000`."""
+    return f"{TAG}/{kind}/{name}"
+
+
+CONVERGENCE_TAG = tag("text", "convergence")
 
 
 def _regularization(result: InfluenceResult) -> float | None:
@@ -27,7 +36,8 @@ def _regularization(result: InfluenceResult) -> float | None:
 
 
 def scalars(result: InfluenceResult) -> dict[str, float]:
-    """Time taken, sizes, solver convergence and the largest self-influence, as `influence/<name>`.
+    """Time taken, sizes, solver convergence, the largest self-influence and whether the result is trustworthy (1 or
+    0), as `influence/<name>`.
 
     The smallest eigenvalue is reported for H + λI, the matrix actually inverted (positive: invertible), rather
     than for H, whose near-zero eigenvalues of either sign are rounding, not trouble.
@@ -44,6 +54,7 @@ def scalars(result: InfluenceResult) -> dict[str, float]:
     smallest, damping = convergence.get("min_eigenvalue"), _regularization(result)
     if isinstance(smallest, (int, float)) and damping is not None:
         values["min_damped_eigenvalue"] = smallest + damping
+    values["trustworthy"] = float(result.trustworthy)
     if result.self_influence is not None:
         values["self_influence_max"] = float(np.max(np.asarray(result.self_influence)))
     return {f"{TAG}/{k}": float(v) for k, v in values.items()
@@ -90,3 +101,34 @@ def summary_markdown(result: InfluenceResult, store: ExampleStore, self_rows: Se
     lines += ["", f"Scalars `{TAG}/*` are logged at step {step}, the trainer's global step when influence was "
               f"computed; `{TAG}/self_influence_by_rank` has step = rank."]
     return "\n".join(lines)
+
+
+def trust_banner(result: InfluenceResult) -> str:
+    """The mark above every table of an untrustworthy result, with why; "" for a trustworthy one."""
+    if result.trustworthy:
+        return ""
+    return f"**⚠ NOT TRUSTWORTHY:** {' '.join(result.warnings)} (see `{CONVERGENCE_TAG}`)\n\n"
+
+
+def trust_comment(result: InfluenceResult) -> str | None:
+    """The first line of an untrustworthy result's CSV tables (without the ``#``); None for a trustworthy one."""
+    return None if result.trustworthy else "NOT TRUSTWORTHY: " + " ".join(result.warnings)
+
+
+def convergence_markdown(result: InfluenceResult) -> str:
+    """A table of each stage's convergence, from the metadata's ``stages`` ("" without them), and the verdict."""
+    stages = result.metadata.get("stages", {})
+    if not stages:
+        return ""
+    rows = []
+    for name, record in stages.items():
+        residual = record.get("max_relative_residual", record.get("max_relative_change"))
+        cells = [name, record.get("solves"), record.get("iterations", record.get("refine_iterations")),
+                 f"{residual:.2e}" if isinstance(residual, (int, float)) else None,
+                 {True: "yes", False: "**no**"}.get(record.get("converged")),
+                 record.get("negative"), record.get("beyond_bound")]
+        rows.append(["–" if c is None else c for c in cells])
+    header = ["stage", "solves", "iterations", "largest relative residual", "converged", "negative", "beyond ‖g‖/μ"]
+    verdict = "Trustworthy." if result.trustworthy else "Not trustworthy: " + " ".join(result.warnings)
+    return "\n".join(["**Convergence** (per stage; every chunk's record is in metadata.json)", "",
+                      *markdown_table(header, rows), "", verdict])

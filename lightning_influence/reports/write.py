@@ -6,10 +6,14 @@ histogram shows one of them only):
 | tag | kind |
 | --- | --- |
 | `influence/text/summary`, `influence/text/query_000`, …, `influence/text/self_influence` | text (markdown) |
+| `influence/text/convergence` (each stage's convergence, where the metadata has `stages`) | text (markdown) |
 | `influence/images/query_000`, …, `influence/images/self_influence` | images (image inputs only) |
 | `influence/histograms/scores`, `influence/histograms/self_influence` | histograms |
-| `influence/num_train`, `influence/total_seconds`, … (see `summary.scalars`) | scalars, at `step` |
+| `influence/num_train`, `influence/trustworthy` (1 or 0), … (see `summary.scalars`) | scalars, at `step` |
 | `influence/self_influence_by_rank` | scalars, step = rank |
+
+An untrustworthy result is marked above every markdown table (`summary.trust_banner`) and in the first line of
+every CSV file (`# NOT TRUSTWORTHY: ...`).
 """
 
 from __future__ import annotations
@@ -26,27 +30,30 @@ from lightning_influence.reports.examples import Describe, save_examples
 from lightning_influence.reports.figures import query_grid, self_influence_grid
 from lightning_influence.reports.images import png
 from lightning_influence.reports.loggers import Summaries, send
-from lightning_influence.reports.summary import TAG, scalars, self_influence_by_rank, summary_markdown
+from lightning_influence.reports.summary import (
+    CONVERGENCE_TAG,
+    TAG,
+    convergence_markdown,
+    scalars,
+    self_influence_by_rank,
+    summary_markdown,
+    tag,
+    trust_banner,
+    trust_comment,
+)
 from lightning_influence.reports.tables import (
-    QUERY_COLUMNS,
-    SELF_COLUMNS,
     build_report,
     csv_text,
     describe_query,
-    query_csv_rows,
     query_markdown,
-    self_csv_rows,
+    query_table,
     self_influence_markdown,
+    self_table,
 )
 from lightning_influence.storage.files import atomic_write_bytes, atomic_write_text
 from lightning_influence.storage.result import InfluenceResult
 
 EXAMPLES_FOLDER = "examples"
-
-
-def tag(kind: str, name: str) -> str:
-    """`influence/<kind>/<name>`, e.g. `influence/images/query_000`."""
-    return f"{TAG}/{kind}/{name}"
 
 
 def write_reports(
@@ -74,22 +81,25 @@ def write_reports(
                           batch_size=batch_size)
     reports, self_rows = build_report(result, store, top_k)
     names = {r.position: f"query_{r.position:03d}" for r in reports}
-    texts = {tag("text", "summary"): summary_markdown(result, store, self_rows, step)}
-    texts.update({tag("text", names[r.position]): query_markdown(r) for r in reports})
+    banner = trust_banner(result)
+    texts = {tag("text", "summary"): banner + summary_markdown(result, store, self_rows, step)}
+    texts.update({tag("text", names[r.position]): banner + query_markdown(r) for r in reports})
     images = {tag("images", names[r.position]): query_grid(r, store) for r in reports}
     captions = {tag("images", names[r.position]): f"Query {r.position}: {describe_query(r)}" for r in reports}
-    tables = {tag("tables", "top_influence"): (QUERY_COLUMNS, query_csv_rows(reports))}
+    tables = {tag("tables", "top_influence"): query_table(reports)}
     histograms = {tag("histograms", "scores"): torch.as_tensor(result.scores).flatten()}
     if self_rows:
-        texts[tag("text", "self_influence")] = self_influence_markdown(self_rows)
+        texts[tag("text", "self_influence")] = banner + self_influence_markdown(self_rows)
         images[tag("images", "self_influence")] = self_influence_grid(self_rows, store)
-        tables[tag("tables", "self_influence")] = (SELF_COLUMNS, self_csv_rows(self_rows))
+        tables[tag("tables", "self_influence")] = self_table(self_rows)
         histograms[tag("histograms", "self_influence")] = torch.as_tensor(result.self_influence)
+    if result.metadata.get("stages"):
+        texts[CONVERGENCE_TAG] = convergence_markdown(result)
     images = {key: image for key, image in images.items() if image is not None}
 
     atomic_write_text(folder / "influence.md", "\n\n".join(texts.values()) + "\n")
     for key, (columns, rows) in tables.items():
-        atomic_write_text(folder / f"{key.rsplit('/', 1)[1]}.csv", csv_text(columns, rows))
+        atomic_write_text(folder / f"{key.rsplit('/', 1)[1]}.csv", csv_text(columns, rows, trust_comment(result)))
     for key, image in images.items():
         atomic_write_bytes(folder / f"{key.rsplit('/', 1)[1]}.png", png(image))
 

@@ -127,9 +127,16 @@ function kSelect(values, current, onchange, id) {
       values.map((v) => el("option", { value: v, selected: v === current ? "selected" : null }, v))));
 }
 
+function untrusted() {
+  // An untrustworthy run's scores are shown, marked, with why (the run's metadata warnings).
+  if (!state.info || state.info.trustworthy !== false) return null;
+  return el("p", { class: "untrusted", role: "alert" }, el("strong", {}, "⚠ Not trustworthy: "),
+    state.info.warnings.join(" "), " See the influence/text/convergence table in the TEXT tab.");
+}
+
 function setMain(...children) {
   const main = document.getElementById("main");
-  main.replaceChildren(...children);
+  main.replaceChildren(...[untrusted(), ...children].filter((child) => child !== null));
   main.dataset.run = state.run;
   main.dataset.view = state.view;
   for (const tab of document.querySelectorAll(".view-tab")) {
