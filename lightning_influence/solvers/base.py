@@ -163,13 +163,7 @@ class Solver(ABC):
         """x = (H + λI)⁻¹ b for each row b of `rhs` ([M, p] or [p]), all rows in one batched computation."""
         operator = self.operator
         single = rhs.ndim == 1
-        block = rhs.unsqueeze(0) if single else rhs
-        if block.ndim != 2 or block.shape[1] != operator.num_params:
-            raise ValueError(
-                f"Right-hand sides must have shape [M, {operator.num_params}] (one row per query), "
-                f"got {tuple(rhs.shape)}."
-            )
-        block = block.to(device=operator.device, dtype=operator.dtype)
+        block = self._block(rhs.unsqueeze(0) if single else rhs)
         start = time.perf_counter()
         passes = operator.passes
         solution, info = self._solve(block)
@@ -184,6 +178,26 @@ class Solver(ABC):
             "solve_hessian_passes": operator.passes - passes,
         }
         return InverseHvpResult(solution.squeeze(0) if single else solution, info)
+
+    @fit_required
+    def quadratic_forms(self, rhs: Tensor) -> Tensor:
+        """⟨(H + λI)⁻¹bᵢ, bᵢ⟩ for each row bᵢ of `rhs` [n, p], [n]: self-influence, for training gradients.
+
+        Iterative methods need less for these than for the solutions: for any x = x* − e with residual
+        r = b − (H + λI)x, ⟨x, b + r⟩ = ⟨x*, b⟩ − ‖e‖²_(H+λI), an error of the square of the solution's (and CG's
+        ⟨x, b⟩ is that already: its residual is orthogonal to x). Solvers that exploit it override this.
+        """
+        return (self.solve(rhs).x * self._block(rhs)).sum(1)
+
+    def _block(self, rhs: Tensor) -> Tensor:
+        """`rhs` [M, p] on the operator's device and dtype; a ValueError for any other shape."""
+        operator = self.operator
+        if rhs.ndim != 2 or rhs.shape[1] != operator.num_params:
+            raise ValueError(
+                f"Right-hand sides must have shape [M, {operator.num_params}] (one row per query), "
+                f"got {tuple(rhs.shape)}."
+            )
+        return rhs.to(device=operator.device, dtype=operator.dtype)
 
     @fit_required
     def apply_damped(self, vectors: Tensor) -> Tensor:
