@@ -83,7 +83,7 @@ def test_arnoldi_is_exact_at_full_rank(problem):
 
 def test_arnoldi_converges_as_rank_grows(problem):
     p = problem["model"].num_params
-    errors = [relative_error(factors(problem, "arnoldi", rank=r).x, problem["exact"]) for r in (2, p // 2, p)]
+    errors = [relative_error(factors(problem, "arnoldi", rank=r, refine=0).x, problem["exact"]) for r in (2, p // 2, p)]
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -100,7 +100,7 @@ def test_lissa_is_close_with_a_sufficient_budget(problem):
 
 def test_lissa_on_sampled_batches_is_close(problem):
     with pytest.warns(RuntimeWarning, match="lissa did not reach"):  # batch noise keeps it moving
-        result = factors(problem, "lissa", maxiter=400, rtol=1e-12, check_every=50)
+        result = factors(problem, "lissa", maxiter=400, rtol=1e-12, check_every=50, acceleration=None)
     assert result.info["iterations"] == 400
     assert relative_error(result.x, problem["exact"]) < 0.3
 

@@ -51,7 +51,8 @@ def test_every_stage_records_its_convergence(problem, tmp_path):
     assert factors["eigenvalue_floor"] == 0.1  # μ = λ with curvature="ggn"
     chunks = stages["self_influence"]["chunk_records"]
     assert [(c["chunk"], c["rows"], c["converged"]) for c in chunks] == [(0, 16, True), (1, 16, True), (2, 16, True)]
-    assert all(c["iterations"] > 0 and c["max_relative_residual"] < 1e-6 for c in chunks)
+    # Self-influence is a quadratic form, whose error is the square of the solve's: cg solves to √rtol for it.
+    assert all(c["iterations"] > 0 and c["max_relative_residual"] < 1e-3 for c in chunks)
     assert stages["scores"]["max_abs"] == pytest.approx(float(result.scores.abs().max()))
     assert stages["self_influence"]["max_abs"] == pytest.approx(float(result.self_influence.abs().max()))
 

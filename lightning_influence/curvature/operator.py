@@ -192,14 +192,17 @@ class CurvatureOperator:
     # -- products -----------------------------------------------------------------------------------------
     def _batch_product(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """One batch's curvature times k vectors; in block-diagonal mode each block's slice of every vector is
-        multiplied on its own (k · blocks products in one vectorised call) and only that block's rows kept."""
+        multiplied on its own (k · blocks products in one vectorised call) and only that block's rows kept.
+        Always in the model's evaluation settings (eval mode, attention with second derivatives), also when a
+        solver is used outside the engine."""
         product = self.model.batch_ggn_vp if self.curvature == "ggn" else self.model.batch_hvp
-        if len(self.blocks) == 1:
-            return product(inputs, targets, vectors)
-        pieces = torch.zeros(len(self.blocks), *vectors.shape, dtype=vectors.dtype, device=vectors.device)
-        for position, (_, block) in enumerate(self.blocks):
-            pieces[position, :, block] = vectors[:, block]
-        products = product(inputs, targets, pieces.flatten(0, 1)).view_as(pieces)
+        with self.model.evaluating():
+            if len(self.blocks) == 1:
+                return product(inputs, targets, vectors)
+            pieces = torch.zeros(len(self.blocks), *vectors.shape, dtype=vectors.dtype, device=vectors.device)
+            for position, (_, block) in enumerate(self.blocks):
+                pieces[position, :, block] = vectors[:, block]
+            products = product(inputs, targets, pieces.flatten(0, 1)).view_as(pieces)
         return torch.cat([products[position, :, block] for position, (_, block) in enumerate(self.blocks)], dim=1)
 
     def matmat(self, vectors: Tensor) -> Tensor:
@@ -242,7 +245,9 @@ class CurvatureOperator:
         count = 0
         for index, inputs, targets in self.batches("explicit Hessian", vectors=p):
             size = batch_size(inputs)
-            total += size * check_finite(explicit(inputs, targets), "explicit Hessian", index, inputs=inputs)
+            with self.model.evaluating():
+                matrix = explicit(inputs, targets)
+            total += size * check_finite(matrix, "explicit Hessian", index, inputs=inputs)
             count += size
         if len(self.blocks) > 1:
             kept = torch.zeros(p, p, dtype=torch.bool, device=self.device)

@@ -25,6 +25,7 @@ from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.scoring import (
     gradient_blocks,
     perturbation_scores,
+    regrouped,
     self_influences,
     stacked_gradients,
     up_scores,
@@ -33,6 +34,25 @@ from lightning_influence.engine.trust import solve_record
 from lightning_influence.model.data import IndexedData, loader_length
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
+
+
+#: Bytes for one self-influence block solve by an iterative method (its gradients and working copies) when neither
+#: the run nor the model sets max_memory.
+SELF_INFLUENCE_MEMORY = 256 * 2**20
+#: [rows, p] blocks an iterative solve holds at once (gradients, solution, best iterate, residual, directions,
+#: their products, the preconditioned residual, ...).
+SOLVE_COPIES = 10
+
+
+def self_influence_rows(model: TwiceDifferentiable, solver: Solver, max_memory: int | None) -> int | None:
+    """Training examples per self-influence solve: None (batch by batch) for a solver that solves without passes
+    over the data; for one that makes passes, as many as SOLVE_COPIES rows of p values each fit in the budget
+    (`max_memory`, else the model's, else SELF_INFLUENCE_MEMORY): a pass costs about the same per vector, and
+    block CG's iterations fall as the block grows."""
+    if not solver.collective_solve:
+        return None
+    budget = max_memory or model.max_memory or SELF_INFLUENCE_MEMORY
+    return max(1, budget // (SOLVE_COPIES * model.num_params * model.dtype.itemsize))
 
 
 class InfluenceEngine:
@@ -124,24 +144,10 @@ class InfluenceEngine:
             if not self.distribution.is_distributed or solver.collective_solve:
                 return solver.solve(rhs)
             positions = self.distribution.shard(range(rhs.shape[0]))
-            local = self._solve_local_rows(rhs[positions])
+            mine = rhs[positions]
+            local = solver.solve(mine) if positions else InverseHvpResult(mine.clone(), {})
         rows, _ = self.distribution.gather_rows_by_index(local.x, torch.tensor(positions, dtype=torch.int64))
         return InverseHvpResult(rows, local.info)
-
-    def _solve_local_rows(self, rhs: Tensor) -> InverseHvpResult:
-        """(H + λI)⁻¹ for this process's rows [n_local, p] (n_local may be 0 and differ between processes).
-
-        A collective solver solves the rows of all processes together and each keeps its own rows.
-        """
-        solver = self.fit()
-        if not self.distribution.is_distributed or not solver.collective_solve:
-            return solver.solve(rhs) if rhs.shape[0] else InverseHvpResult(rhs.clone(), {})
-        rows, lengths = self.distribution.gather_rows_with_lengths(rhs)
-        if rows.shape[0] == 0:
-            return InverseHvpResult(rhs.clone(), {})
-        result = solver.solve(rows)
-        start = sum(lengths[: self.distribution.rank])
-        return InverseHvpResult(result.x[start : start + rhs.shape[0]], result.info)
 
     # ---------------------------------------------------------------------------------------- stage 4: scores
     def scores(self, data: Iterable[Any], factors: Tensor) -> Tensor:
@@ -157,35 +163,45 @@ class InfluenceEngine:
 
     # ---------------------------------------------------------------------------------------- stage 5: self
     def self_influences(self, data: Iterable[Any]) -> Tensor:
-        """⟨(H + λI)⁻¹ ∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ of every example of `data` (this process's, possibly none), [n]."""
+        """⟨(H + λI)⁻¹ ∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ of every example of `data` (this process's, possibly none), [n].
+
+        A solver that makes passes over the training data solves for blocks of many examples at once
+        (`self_influence_rows`), so that each pass serves all of them."""
         solver = self.fit()
-        if self._solves_together():
-            return self._self_influences_in_rounds(data)
+        rows = self_influence_rows(self.model, solver, self.arguments.max_memory)
+        if self._solves_together():  # each round solves every process's block: the budget is shared
+            return self._self_influences_in_rounds(data, max(1, (rows or 1) // self.distribution.world_size))
         if loader_length(data) == 0:
             return torch.zeros(0, dtype=self.model.dtype, device=self.model.device)
-        return self_influences(self.model, data, lambda block: self._recorded(block, solver.solve(block)),
-                               progress=self.progress)
+        return self_influences(self.model, data, lambda block: self._recorded(block, *solver.quadratic_forms(block)),
+                               rows=rows, progress=self.progress)
 
-    def _self_influences_in_rounds(self, data: Iterable[Any]) -> Tensor:
-        """Self-influence with a collective solver: processes go batch round by batch round, solving the union
-        of their batches together, until every one has run out; a process without a batch joins with none."""
+    def _self_influences_in_rounds(self, data: Iterable[Any], rows: int | None) -> Tensor:
+        """Self-influence with a collective solver: processes go block round by block round, solving the union
+        of their blocks together, until every one has run out; a process without a block joins with none."""
         empty = torch.zeros(0, self.model.num_params, dtype=self.model.dtype, device=self.model.device)
         values = [empty.new_zeros(0)]
         with self.model.evaluating():
-            blocks = iter(()) if loader_length(data) == 0 else gradient_blocks(
-                self.model, data, name="training_data", progress=self.progress)
+            blocks = iter(()) if loader_length(data) == 0 else regrouped(gradient_blocks(
+                self.model, data, name="training_data", progress=self.progress), rows)
             while True:
                 block = next(blocks, None)
                 if not self.distribution.any_process(block is not None):
                     return torch.cat(values)
                 block = empty if block is None else block
-                values.append((self._recorded(block, self._solve_local_rows(block)) * block).sum(1))
+                gathered, lengths = self.distribution.gather_rows_with_lengths(block)
+                start = sum(lengths[: self.distribution.rank])
+                if gathered.shape[0]:
+                    forms, result = self.fit().quadratic_forms(gathered)
+                    mine = slice(start, start + block.shape[0])
+                    values.append(self._recorded(block, forms[mine], InverseHvpResult(result.x[mine], result.info)))
 
-    def _recorded(self, rhs: Tensor, result: InverseHvpResult) -> Tensor:
-        """`result.x`, once what its solve reported and the bounds it keeps are noted in `solve_records`."""
+    def _recorded(self, rhs: Tensor, values: Tensor, result: InverseHvpResult) -> Tensor:
+        """`values`, once what the solve of `rhs` reported and the bounds its solution keeps are noted in
+        `solve_records`."""
         if rhs.shape[0]:
             self.solve_records.append(solve_record(rhs, result.x, result.info, self.arguments.curvature))
-        return result.x
+        return values
 
     def take_solve_records(self) -> list[dict[str, Any]]:
         """The records of the self-influence solves since the last call (one chunk's), leaving none."""

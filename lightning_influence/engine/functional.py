@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_influence.checks import CurvatureChoice
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
-from lightning_influence.engine.engine import InfluenceEngine
+from lightning_influence.engine.engine import InfluenceEngine, self_influence_rows
 from lightning_influence.engine.scoring import perturbation_scores, self_influences, up_scores
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import InfluenceComputationError
@@ -160,7 +159,9 @@ def compute_self_influences(
     """Self-influence ⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩ of every training example, [N], with a fitted solver."""
     if not isinstance(model, TwiceDifferentiable):
         raise TypeError(f"model must be a TwiceDifferentiable, got {type(model).__name__}.")
-    return self_influences(model, training_data, lambda block: solver.solve(block).x, progress=progress)
+    rows = self_influence_rows(model, solver, None)
+    return self_influences(model, training_data, lambda block: solver.quadratic_forms(block)[0], rows=rows,
+                           progress=progress)
 
 
 def compute_influences(

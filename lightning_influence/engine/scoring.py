@@ -84,10 +84,29 @@ def perturbation_scores(model: TwiceDifferentiable, data: Iterable[Any], factors
     return torch.cat(blocks, dim=1)
 
 
-def self_influences(model: TwiceDifferentiable, data: Iterable[Any], solve: Callable[[Tensor], Tensor], *,
-                    progress: bool = False) -> Tensor:
-    """⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩ of every example of `data`, [N]; `solve` maps a block of gradients
-    [B, p] to (H + λI)⁻¹ applied to each row, and each batch is solved as one block."""
+def regrouped(blocks: Iterable[Tensor], rows: int | None) -> Iterator[Tensor]:
+    """The rows of `blocks` [bᵢ, p] in blocks of `rows` (the last may be shorter); as they come when None."""
+    if rows is None:
+        yield from blocks
+        return
+    pending: list[Tensor] = []
+    count = 0
+    for block in blocks:
+        pending.append(block)
+        count += block.shape[0]
+        while count >= rows:
+            joined = torch.cat(pending)
+            yield joined[:rows]
+            pending, count = [joined[rows:]], count - rows
+    if count:
+        yield torch.cat(pending)
+
+
+def self_influences(model: TwiceDifferentiable, data: Iterable[Any], quadratic_forms: Callable[[Tensor], Tensor],
+                    *, rows: int | None = None, progress: bool = False) -> Tensor:
+    """⟨(H + λI)⁻¹ ∇θ ℓ(zᵢ), ∇θ ℓ(zᵢ)⟩ of every example of `data`, [N]; `quadratic_forms` maps a block of
+    gradients [B, p] to those values. The gradients go to it in blocks of `rows` examples (None: batch by batch),
+    so that an iterative solver shares each pass over the training data among many of them."""
     with model.evaluating():
         blocks = gradient_blocks(model, data, name="training_data", progress=progress)
-        return torch.cat([(solve(block) * block).sum(1) for block in blocks])
+        return torch.cat([quadratic_forms(block) for block in regrouped(blocks, rows)])

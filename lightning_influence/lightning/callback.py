@@ -42,7 +42,6 @@ from lightning_influence.lightning.validation import (
     refuse_multiprocess_validation,
     validate_after_fit,
 )
-from lightning_influence.model.data import BatchTransform, IndexedData
 from lightning_influence.lightning.trainer_data import trainer_loader
 from lightning_influence.model.data import BatchTransform, IndexedData, IndexFn
 from lightning_influence.model.outputs import OutputTransform

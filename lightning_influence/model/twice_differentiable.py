@@ -18,10 +18,9 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_influence.checks import flag, parameter_patterns, parse_memory, positive_int
-from lightning_influence.model.data import BatchSpan, slice_batch
 from lightning_influence.errors import LayerFormError, NonFiniteError, is_out_of_memory
 from lightning_influence.model.attention import second_order_attention
-from lightning_influence.model.data import batch_size, slice_batch
+from lightning_influence.model.data import BatchSpan, batch_size, slice_batch
 from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.loss import loss_identity, summed_over_batch
 from lightning_influence.model.outputs import OutputTransform, OutputTransformLike, Path, get_at, replace_at

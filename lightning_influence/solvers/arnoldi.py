@@ -33,9 +33,9 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         rank: int = 10,
         krylov_dimension: int | None = None,
         seed: int = 0,
-        complement: str = "none",
+        complement: str = "trace",
         num_probes: int = 64,
-        refine: int = 0,
+        refine: int = 2,
         block_size: int = 10,
     ) -> None:
         super().__init__(refine)
@@ -43,8 +43,9 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
             raise ValueError(f"complement must be one of {list(ARNOLDI_COMPLEMENTS)}, got {complement!r}.")
         if refine and complement == "none":
             raise ValueError(
-                "arnoldi refine needs an invertible preconditioner, and complement='none' maps every direction "
-                "outside the eigenvectors to 0: use complement='trace' or 'damping' with refine."
+                "arnoldi refine (default 2) needs an invertible preconditioner, and complement='none' maps every "
+                "direction outside the eigenvectors to 0: pass refine=0 with complement='none', or use "
+                "complement='trace' or 'damping' with refine."
             )
         self.complement = complement
         self.num_probes = positive_int("num_probes", num_probes)

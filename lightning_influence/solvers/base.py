@@ -161,18 +161,17 @@ class Solver(ABC):
     @fit_required
     def solve(self, rhs: Tensor) -> InverseHvpResult:
         """x = (H + λI)⁻¹ b for each row b of `rhs` ([M, p] or [p]), all rows in one batched computation."""
-        operator = self.operator
         single = rhs.ndim == 1
-        block = rhs.unsqueeze(0) if single else rhs
-        if block.ndim != 2 or block.shape[1] != operator.num_params:
-            raise ValueError(
-                f"Right-hand sides must have shape [M, {operator.num_params}] (one row per query), "
-                f"got {tuple(rhs.shape)}."
-            )
-        block = block.to(device=operator.device, dtype=operator.dtype)
-        start = time.perf_counter()
-        passes = operator.passes
-        solution, info = self._solve(block)
+        block = self._block(rhs.unsqueeze(0) if single else rhs)
+        solution, _, info = self._reported(self._solve_with_forms, block, forms=False)
+        return InverseHvpResult(solution.squeeze(0) if single else solution, info)
+
+    def _reported(self, compute: Callable[..., tuple[Tensor, Tensor | None, dict[str, Any]]], block: Tensor,
+                  **options: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """`compute(block, **options)` checked finite, with the method, options, λ, fit facts, time and passes
+        added to what it reports."""
+        start, passes = time.perf_counter(), self.operator.passes
+        solution, values, info = compute(block, **options)
         check_finite(solution, f"the {self.method.value} solution")
         info = {
             "method": self.method.value,
@@ -181,9 +180,41 @@ class Solver(ABC):
             **self.fit_info,
             **info,
             "solve_seconds": time.perf_counter() - start,
-            "solve_hessian_passes": operator.passes - passes,
+            "solve_hessian_passes": self.operator.passes - passes,
         }
-        return InverseHvpResult(solution.squeeze(0) if single else solution, info)
+        return solution, values, info
+
+    def _solve_with_forms(self, block: Tensor, forms: bool) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """`_solve`, and with `forms` the quadratic forms ⟨x, b⟩ of its rows."""
+        solution, info = self._solve(block)
+        return solution, (solution * block).sum(1) if forms else None, info
+
+    @fit_required
+    def quadratic_forms(self, rhs: Tensor) -> tuple[Tensor, InverseHvpResult]:
+        """⟨(H + λI)⁻¹bᵢ, bᵢ⟩ for each row bᵢ of `rhs` [n, p], [n] (self-influence, for training gradients), and
+        the solve they came from (its x and info, for the trust checks).
+
+        Iterative methods need less for these than for the solutions: for any x = x* − e with residual
+        r = b − (H + λI)x, ⟨x, b + r⟩ = ⟨x*, b⟩ − ‖e‖²_(H+λI), an error of the square of the solution's (and CG's
+        ⟨x, b⟩ is that already: its residual is orthogonal to x). Solvers that exploit it override `_quadratic`.
+        """
+        solution, values, info = self._reported(self._quadratic, self._block(rhs))
+        return values, InverseHvpResult(solution, info)
+
+    def _quadratic(self, block: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The solutions of `block`, their quadratic forms and the solve's facts."""
+        solution, values, info = self._solve_with_forms(block, forms=True)
+        return solution, values, info  # type: ignore[return-value]  # forms=True gives values
+
+    def _block(self, rhs: Tensor) -> Tensor:
+        """`rhs` [M, p] on the operator's device and dtype; a ValueError for any other shape."""
+        operator = self.operator
+        if rhs.ndim != 2 or rhs.shape[1] != operator.num_params:
+            raise ValueError(
+                f"Right-hand sides must have shape [M, {operator.num_params}] (one row per query), "
+                f"got {tuple(rhs.shape)}."
+            )
+        return rhs.to(device=operator.device, dtype=operator.dtype)
 
     @fit_required
     def apply_damped(self, vectors: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -88,9 +89,18 @@ class ConjugateGradientSolver(Solver, method="cg"):
         return residual if self._inverse_diagonal is None else residual * self._inverse_diagonal
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return self._run(rhs, self.rtol)
+
+    def _quadratic(self, block: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """⟨(H + λI)⁻¹bᵢ, bᵢ⟩ from a solve to rtol √rtol: CG's ⟨x, b⟩ is off by ‖e‖²_A ≤ ‖r‖² / λ_min(A), at
+        most κ(A) · rtol of ⟨x*, b⟩ ≥ ‖b‖² / λ_max(A) (see `Solver.quadratic_forms`)."""
+        solution, info = self._run(block, math.sqrt(self.rtol))
+        return solution, (solution * block).sum(1), info
+
+    def _run(self, rhs: Tensor, rtol: float) -> tuple[Tensor, dict[str, Any]]:
         variant = block_conjugate_gradient if self.block and rhs.shape[0] > 1 else conjugate_gradient
         known_indefinite = self._indefinite is not None
-        solution, info = variant(self.apply_damped, rhs, self._precondition, rtol=self.rtol, atol=self.atol,
+        solution, info = variant(self.apply_damped, rhs, self._precondition, rtol=rtol, atol=self.atol,
                                  maxiter=self._krylov_limit(self.maxiter))
         info.update(self._check_krylov(info, "cg"))
         if not info["converged"] and not info["negative_curvature"] and not known_indefinite:

@@ -51,7 +51,7 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
     """
 
     def __init__(
-        self, samples: int | None = None, factor_dtype: str = "float64", seed: int = 0, refine: int = 0
+        self, samples: int | None = None, factor_dtype: str = "float64", seed: int = 0, refine: int = 2
     ) -> None:
         super().__init__(refine)
         self.samples = positive_int("samples", samples, allow_none=True)

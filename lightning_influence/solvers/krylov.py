@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.errors import NonFiniteError, warn_user
+from lightning_influence.errors import NonFiniteError
 
 #: What to do when a Krylov loop meets a singular or indefinite H + λI (most often λ = 0).
 SINGULAR_HINT = (

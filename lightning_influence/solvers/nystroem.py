@@ -46,7 +46,7 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
         complement: str = "trace",
         num_probes: int = 64,
         seed: int = 0,
-        refine: int = 0,
+        refine: int = 2,
     ) -> None:
         super().__init__(refine)
         self.rank = positive_int("rank", rank)
