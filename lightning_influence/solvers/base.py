@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -256,10 +257,21 @@ class ApproximateSolver(Solver):
         return self.refine > 0
 
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        if not self.refine:
+        return self._refined(rhs, self.refine)
+
+    @fit_required
+    def quadratic_forms(self, rhs: Tensor) -> Tensor:
+        """⟨(H + λI)⁻¹bᵢ, bᵢ⟩ after ⌈refine / 2⌉ steps: block CG's ⟨x, b⟩ is off by ‖e‖²_(H+λI), the square of
+        its solution's error (see `Solver.quadratic_forms`), so half the passes give the accuracy of a solve."""
+        block = self._block(rhs)
+        return (self._refined(block, math.ceil(self.refine / 2))[0] * block).sum(1)
+
+    def _refined(self, rhs: Tensor, steps: int) -> tuple[Tensor, dict[str, Any]]:
+        """M⁻¹B refined by `steps` steps of block CG (none: M⁻¹B as it is), and the facts."""
+        if not steps:
             return self._approximate(rhs), {}
         solution, info = block_conjugate_gradient(self.apply_damped, rhs, self._approximate,
-                                                  start_preconditioned=True, maxiter=self._krylov_limit(self.refine))
+                                                  start_preconditioned=True, maxiter=self._krylov_limit(steps))
         return solution, {
             "refine_iterations": info["iterations"],
             "max_relative_residual": info["max_relative_residual"],
