@@ -259,12 +259,11 @@ class ApproximateSolver(Solver):
     def _solve(self, rhs: Tensor) -> tuple[Tensor, dict[str, Any]]:
         return self._refined(rhs, self.refine)
 
-    @fit_required
-    def quadratic_forms(self, rhs: Tensor) -> Tensor:
+    def _quadratic(self, block: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """⟨(H + λI)⁻¹bᵢ, bᵢ⟩ after ⌈refine / 2⌉ steps: block CG's ⟨x, b⟩ is off by ‖e‖²_(H+λI), the square of
         its solution's error (see `Solver.quadratic_forms`), so half the passes give the accuracy of a solve."""
-        block = self._block(rhs)
-        return (self._refined(block, math.ceil(self.refine / 2))[0] * block).sum(1)
+        solution, info = self._refined(block, math.ceil(self.refine / 2))
+        return solution, (solution * block).sum(1), info
 
     def _refined(self, rhs: Tensor, steps: int) -> tuple[Tensor, dict[str, Any]]:
         """M⁻¹B refined by `steps` steps of block CG (none: M⁻¹B as it is), and the facts."""
