@@ -111,6 +111,20 @@ def query_markdown(report: QueryReport) -> str:
     return "\n".join(lines)
 
 
+def settings_markdown(result: InfluenceResult) -> str:
+    """A markdown table of how the numbers were made: the method, curvature and λ that ran, each with its reason
+    ("given", or what "auto" found); empty for a result without that record."""
+    choices = result.metadata.get("choices") or {}
+    if not choices:
+        return ""
+    rows = [("method", choices.get("method"), choices.get("method_reason")),
+            ("curvature", choices.get("curvature"), choices.get("curvature_reason")),
+            ("λ (hessian_regularization)", f"{choices.get('hessian_regularization', float('nan')):.4g}",
+             choices.get("regularization_reason"))]
+    lines = ["**Settings**", "", "| option | value | why |", "| --- | --- | --- |"]
+    return "\n".join(lines + [f"| {name} | {value} | {reason} |" for name, value, reason in rows])
+
+
 def self_influence_markdown(rows: Sequence[Row]) -> str:
     """A markdown table of the training examples with the highest self-influence."""
     lines = [
@@ -240,7 +254,9 @@ def write_reports(
     grids = {r.position: query_grid(r, queries[r.query_index][0], train) for r in reports}
     self_grid = self_influence_grid(self_rows, train)
 
-    markdown = "\n\n".join([query_markdown(r) for r in reports] + ([self_influence_markdown(self_rows)] if self_rows else []))
+    sections = [settings_markdown(result), *(query_markdown(r) for r in reports),
+                self_influence_markdown(self_rows) if self_rows else ""]
+    markdown = "\n\n".join(section for section in sections if section)
     atomic_write_text(folder / "influence.md", markdown + "\n")
     atomic_write_text(folder / "top_influence.csv", _csv(
         ["query", "query_index", "query_label", "kind", "rank", "train_index", "train_label", "score"],
@@ -278,6 +294,8 @@ def _report_to_logger(
             logger.log_metrics(numbers, step=step)
         experiment = getattr(logger, "experiment", None)
         if callable(getattr(experiment, "add_text", None)):
+            if settings_markdown(result):
+                experiment.add_text(f"{TAG}/settings", settings_markdown(result), step)
             for report in reports:
                 experiment.add_text(f"{TAG}/query_{report.position:03d}", query_markdown(report), step)
             if self_rows:
