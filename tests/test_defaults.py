@@ -142,3 +142,20 @@ def test_bad_curvature_samples_are_refused(trained):
         InfluenceArguments(curvature_seed=-1)
     with pytest.raises(TypeError, match="curvature_samples needs training_data to be a DataLoader"):
         fit_solver(TwiceDifferentiable(module, F.cross_entropy), [(x, y)], "direct", curvature_samples=5)
+
+
+def test_the_callback_defaults_are_auto_and_the_report_names_the_choices(tmp_path):
+    from lit_helpers import Classifier, blobs, loaders, make_trainer
+
+    from lightning_influence import InfluenceCallback
+
+    callback = InfluenceCallback(num_queries=2, top_k=2, save_dir=tmp_path / "influence")
+    assert {k: callback.arguments.to_dict()[k] for k in ("method", "curvature", "hessian_regularization")} == {
+        "method": "auto", "curvature": "auto", "hessian_regularization": "auto"}
+    x, y = blobs(40)
+    make_trainer(tmp_path, logger=False, callbacks=[callback], epochs=1).fit(Classifier(), *loaders(x, y, *blobs(6, seed=1)))
+    choices = callback.result.metadata["choices"]
+    assert choices["method"] == "direct" and choices["curvature"] in ("hessian", "ggn")
+    report = (tmp_path / "influence" / "report" / "influence.md").read_text()
+    assert report.startswith("**Influence run**") and choices["curvature_reason"] in report  # the summary table
+    assert f"{choices['hessian_regularization']:.4g}" in report

@@ -73,7 +73,7 @@ def resolve(model: TwiceDifferentiable, arguments: InfluenceArguments,
     regularization_reason = None
     if regularization == "auto":
         regularization, facts = auto_regularization(hessian)
-        regularization_reason = f"{facts['regularization_source']} of the Hessian"
+        regularization_reason = facts["regularization_source"]
     smallest, largest = extreme_eigenvalues(hessian)
     reasons.update(hessian_smallest_eigenvalue_estimate=smallest, hessian_largest_eigenvalue_estimate=largest)
     if smallest >= -float(regularization) / 2:

@@ -87,10 +87,20 @@ def summary_markdown(result: InfluenceResult, store: ExampleStore, self_rows: Se
     """A markdown table of the run: method, sizes, time, convergence, suspect labels, and where the scalars sit."""
     meta = result.metadata
     names = meta.get("parameter_names")
+    choices = meta.get("choices") or {}  # what ran where an option was "auto", and why
+
+    def chosen(key: str, given: str, reason_key: str) -> str:
+        return f"{choices[key]} ({choices.get(reason_key, 'given')})" if key in choices else given
+
+    regularization = choices.get("hessian_regularization", meta.get("hessian_regularization", "?"))
     facts = [
-        ("method", f"{meta.get('method', '?')} {meta.get('method_kwargs', '')}".strip()),
-        ("λ (hessian_regularization)", str(meta.get("hessian_regularization", "?"))),
-        ("curvature", f"{meta.get('curvature', '?')}" + (", block-diagonal" if meta.get("block_diagonal") else "")),
+        ("method", chosen("method", f"{meta.get('method', '?')} {meta.get('method_kwargs', '')}".strip(),
+                          "method_reason")),
+        ("λ (hessian_regularization)", f"{regularization:.4g}" if isinstance(regularization, float) else
+         str(regularization)) if "regularization_reason" not in choices else
+        ("λ (hessian_regularization)", f"{regularization:.4g} ({choices['regularization_reason']})"),
+        ("curvature", chosen("curvature", str(meta.get("curvature", "?")), "curvature_reason")
+         + (", block-diagonal" if meta.get("block_diagonal") else "")),
         ("training examples N, queries M", f"{result.num_train}, {result.num_queries}"),
         ("parameters p", f"{meta.get('num_params', '?')}" + (f" ({', '.join(names)})" if names else "")),
     ]

@@ -293,7 +293,7 @@ def auto_regularization(operator: CurvatureOperator, num_probes: int = 32) -> tu
     Hutchinson's estimate from `num_probes` sign vectors (one pass); and the facts for the info."""
     mean_eigenvalue = float(operator.diagonal(num_probes).mean())
     return AUTO_DAMPING_FRACTION * abs(mean_eigenvalue), {
-        "regularization_source": f"auto: {AUTO_DAMPING_FRACTION:g} × trace(H)/p",
+        "regularization_source": f"auto: {AUTO_DAMPING_FRACTION:g} × trace/p of the {operator.curvature}",
         "mean_eigenvalue_estimate": mean_eigenvalue,
     }
 
