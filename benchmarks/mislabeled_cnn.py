@@ -99,7 +99,7 @@ def main() -> None:
     print("| --- | ---: |")
     for name, count in found.items():
         print(f"| {name} | {count} |")
-    print(f"\nchoices made by 'auto': {json.dumps(result.metadata['choices'], indent=2, default=str)}")
+    print(f"\nchoices made by 'auto': {json.dumps(result.metadata['choices'], indent=2, ensure_ascii=False)}")
     convergence = {key: result.metadata["convergence"].get(key) for key in ("iterations", "max_relative_residual")}
     print(f"convergence of the factors: {convergence}")
     print(f"influence {timings['total_seconds']:.1f} s (self-influence {timings.get('self_influence_seconds', 0):.1f}"

@@ -68,7 +68,7 @@ def test_method_auto_by_memory_budget_and_layer_support():
     normed = TwiceDifferentiable(nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 3)).double(),
                                  F.cross_entropy)
     method, options, reason = choose_method(normed, tight)
-    assert method.value == "cg" and options == {"preconditioner": "nystroem"} and "outside" in reason
+    assert method.value == "cg" and options == {"preconditioner": "nystroem", "rtol": 1e-4} and "outside" in reason
     assert choose_method(linear, InfluenceArguments(method="arnoldi"))[2] == "given"
     with pytest.raises(ValueError, match="method='auto' chooses the method and its options"):
         InfluenceArguments(method="auto", method_kwargs={"rank": 3})

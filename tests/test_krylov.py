@@ -146,3 +146,12 @@ def test_arnoldi_with_blocks_at_full_rank_equals_the_exact_inverse():
     with model.evaluating():
         solution = solver.solve(rhs).x
     torch.testing.assert_close(solution, torch.linalg.solve(reference.matrix, rhs.T).T, rtol=1e-7, atol=1e-9)
+
+
+def test_a_zero_right_hand_side_gets_a_zero_solution_from_every_loop():
+    matrix, rhs = spd_system(size=20, rows=3)
+    rhs[1] = 0
+    for loop, options in ((conjugate_gradient, {}), (block_conjugate_gradient, {}),
+                          (block_conjugate_gradient, {"start_preconditioned": True})):
+        solution, info = loop(lambda v: v @ matrix, rhs, lambda r: 2 * r, maxiter=3, **options)
+        assert not solution[1].any() and info["max_relative_residual"] < float("inf")

@@ -115,6 +115,7 @@ def test_cg_on_an_indefinite_hessian_stops_warns_and_keeps_later_solves_short(un
 
 @pytest.mark.parametrize("method, options", [
     ("cg", {"rtol": 1e-8}),
+    ("lissa", {"maxiter": 5}),
     ("nystroem", {"rank": 20, "refine": 3}),
     ("ekfac", {"refine": 3}),
 ])
@@ -152,3 +153,12 @@ def test_nystroem_finds_an_indefinite_hessian_from_its_own_passes(untrained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_solver(model, train, "nystroem", hessian_regularization=LAMBDA, rank=10, curvature="ggn")
+
+
+def test_nystroem_warns_about_an_indefinite_hessian_even_where_lambda_covers_it(untrained):
+    model, train, reference = untrained
+    values = torch.linalg.eigvalsh(reference.hessian)
+    covering = -1.5 * float(values[0])
+    with pytest.warns(RuntimeWarning, match="the sketch misrepresents the negative part of H"):
+        solver = fit_solver(model, train, "nystroem", hessian_regularization=covering, rank=10)
+    assert solver.fit_info["indefinite_curvature"] and "indefinite" not in solver.fit_info

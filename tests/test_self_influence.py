@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import ExactReference, classification_data, fitted, loader, mlp_model
 from lightning_influence import TwiceDifferentiable, compute_self_influences, fit_solver
-from lightning_influence.engine.engine import self_influence_rows
+from lightning_influence.engine.defaults import self_influence_rows
 from lightning_influence.engine.scoring import regrouped, stacked_gradients
 
 LAMBDA = 0.05

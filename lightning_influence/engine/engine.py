@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_influence.checks import Curvature
 from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.engine.arguments import InfluenceArguments
-from lightning_influence.engine.defaults import resolve
+from lightning_influence.engine.defaults import resolve, self_influence_rows
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.scoring import (
     gradient_blocks,
@@ -34,28 +34,6 @@ from lightning_influence.engine.trust import solve_record
 from lightning_influence.model.data import IndexedData, loader_length
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
-
-
-#: Bytes for one self-influence block solve by an iterative method (its gradients and working copies) when neither
-#: the run nor the model sets max_memory.
-SELF_INFLUENCE_MEMORY = 256 * 2**20
-#: [rows, p] blocks an iterative solve holds at once (gradients, solution, best iterate, residual, directions,
-#: their products, the preconditioned residual, ...).
-SOLVE_COPIES = 10
-#: At most this many examples per block: on benchmark problem (a) a Hessian pass costs least per vector (0.42 ms)
-#: with 512 vectors (0.74 ms with 64, 0.57 ms with 1,400).
-SELF_INFLUENCE_ROWS = 512
-
-
-def self_influence_rows(model: TwiceDifferentiable, solver: Solver, max_memory: int | None) -> int | None:
-    """Training examples per self-influence solve: None (batch by batch) for a solver that solves without passes
-    over the data; for one that makes passes, SELF_INFLUENCE_ROWS, or fewer where SOLVE_COPIES rows of p values
-    each would not fit in the budget (`max_memory`, else the model's, else SELF_INFLUENCE_MEMORY). A pass costs
-    less per vector for more vectors, and block CG's iterations fall as the block grows."""
-    if not solver.collective_solve:
-        return None
-    budget = max_memory or model.max_memory or SELF_INFLUENCE_MEMORY
-    return max(1, min(SELF_INFLUENCE_ROWS, budget // (SOLVE_COPIES * model.num_params * model.dtype.itemsize)))
 
 
 class InfluenceEngine:

@@ -16,7 +16,8 @@ from lightning_influence.checks import CurvatureChoice
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
-from lightning_influence.engine.engine import InfluenceEngine, self_influence_rows
+from lightning_influence.engine.defaults import self_influence_rows
+from lightning_influence.engine.engine import InfluenceEngine
 from lightning_influence.engine.scoring import perturbation_scores, self_influences, up_scores
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import InfluenceComputationError

@@ -135,9 +135,9 @@ def block_conjugate_gradient(
     rhs_norm = rhs.norm(dim=1)
     threshold = torch.clamp(rtol * rhs_norm, min=atol)
     solution, best = torch.zeros_like(rhs), _Best(torch.zeros_like(rhs), rhs_norm)
-    if start_preconditioned:
-        best.norm.fill_(float("inf"))  # X = 0 is not offered: the answer is X₀ or better
     active = (rhs_norm > threshold).nonzero().squeeze(1)
+    if start_preconditioned:
+        best.norm[active] = float("inf")  # X = 0 is not offered for these rows: the answer is X₀ or better
     residual = rhs[active]
     first = precondition(residual)
     directions = _orthonormal_rows(first)

@@ -31,7 +31,8 @@ class LissaSolver(Solver, method="lissa"):
     """The Neumann series hₜ = b + (1 − dampen) hₜ₋₁ − (H + λI) hₜ₋₁ / scale, x = h / scale, whose fixed point solves
     (H + λI + dampen·scale·I) x = b (so `dampen` adds regularisation); it converges when `scale` exceeds the
     largest eigenvalue of H + λI. `scale=None` takes `scale_margin` (None: 1.05 with Chebyshev steps, 1.5 for the
-    series) times a block Lanczos estimate of it (6 passes of 8 vectors). All right-hand sides step together.
+    series) times a block Lanczos estimate of it (6 passes of 8 vectors), whose smallest Ritz value also tells
+    where H + λI is indefinite (`Solver.found_indefinite`). All right-hand sides step together.
 
     `acceleration="chebyshev"` (default) takes full-batch steps (one pass over the training data each) with
     Chebyshev semi-iterative weights for the interval [μ/4, scale], μ = λ + dampen·scale (x ← x + dₜ, dₜ a
@@ -80,7 +81,11 @@ class LissaSolver(Solver, method="lissa"):
         if self.scale is not None:
             self._scale = float(self.scale)
         else:
-            largest = abs(extreme_eigenvalues(operator)[1]) + self.regularization
+            smallest, largest = extreme_eigenvalues(operator)
+            if smallest + self.regularization <= 0:  # the series diverges along such a direction
+                facts.update(self.found_indefinite(smallest, "lissa's block Lanczos estimate", exact=False,
+                                                   largest=largest))
+            largest = abs(largest) + self.regularization
             margin = self.scale_margin or (CHEBYSHEV_MARGIN if accelerate else SERIES_MARGIN)
             self._scale = margin * largest if largest > 0 else 1.0
             facts["estimated_max_eigenvalue"] = largest

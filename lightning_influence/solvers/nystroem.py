@@ -21,9 +21,12 @@ from torch import Tensor
 
 from lightning_influence.checks import positive_int
 from lightning_influence.curvature.operator import CurvatureOperator
+from lightning_influence.errors import warn_user
 from .base import ApproximateSolver, fit_required, work_dtype
 
 COMPLEMENTS = ("trace", "damping")
+#: H counts as clearly indefinite for the sketch when an eigenvalue lies below this fraction of −(its largest).
+INDEFINITE_FRACTION = 1e-2
 
 
 def complement_curvature(operator: CurvatureOperator, eigenvalues: Tensor, num_probes: int, seed: int) -> float:
@@ -77,11 +80,8 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
         self._complement = 0.0
         if self.complement == "trace":
             self._complement = complement_curvature(operator, eigenvalues, self.num_probes, self.seed)
-        smallest = smallest_ritz_value(torch.cat(omegas, dim=1), torch.cat(products, dim=1))
-        facts: dict[str, Any] = {}
-        if smallest + self.regularization <= 0:
-            source = "nystroem's Rayleigh-Ritz check on its sketch (which assumes a positive semi-definite H)"
-            facts = self.found_indefinite(smallest, source, exact=False, largest=float(eigenvalues.max()))
+        smallest, largest = ritz_extremes(torch.cat(omegas, dim=1), torch.cat(products, dim=1))
+        facts = self._check_sketch(smallest, largest)
         return {
             "rank": rank,
             "top_eigenvalue": float(eigenvalues.max()),
@@ -90,6 +90,23 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
             "min_eigenvalue_estimate": smallest,
             **facts,
         }
+
+    def _check_sketch(self, smallest: float, largest: float) -> dict[str, Any]:
+        """Facts (and a warning) where H is indefinite, which the sketch assumes it is not: H + λI indefinite goes
+        to `found_indefinite`; H with an eigenvalue below −INDEFINITE_FRACTION × its largest is warned about."""
+        source = "nystroem's Rayleigh-Ritz check on its sketch (which assumes a positive semi-definite H)"
+        if smallest + self.regularization <= 0:
+            return self.found_indefinite(smallest, source, exact=False, largest=largest)
+        if smallest >= -INDEFINITE_FRACTION * largest:
+            return {}
+        warn_user(
+            f"H has an eigenvalue of about {smallest:.3e} or lower ({-smallest / largest:.1%} of its largest, found "
+            f"by {source}): H + λI is positive definite with λ = {self.regularization:g}, but the sketch "
+            "misrepresents the negative part of H. Use curvature='ggn' (the Gauss-Newton matrix, positive "
+            "semi-definite), or refine.",
+            RuntimeWarning,
+        )
+        return {"indefinite_curvature": True}
 
     @fit_required
     def _approximate(self, rhs: Tensor) -> Tensor:
@@ -111,17 +128,17 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
         return cast(Tensor, self._eigenvectors), cast(Tensor, self._eigenvalues), self._complement  # set by `_fit`
 
 
-def smallest_ritz_value(tested: Tensor, products: Tensor) -> float:
-    """The smallest Ritz value of H on the span of the columns of `tested` [p, k], given `products` = H · tested:
-    an upper bound on H's smallest eigenvalue, free from the sketch's own passes. With power iterations the
+def ritz_extremes(tested: Tensor, products: Tensor) -> tuple[float, float]:
+    """The smallest and largest Ritz values of H on the span of the columns of `tested` [p, k], given `products` =
+    H · tested: bounds on H's extreme eigenvalues, free from the sketch's own passes. With power iterations the
     columns span the block Krylov space {Ω, HΩ, …}, where negative eigenvalues that stand out of the bulk show."""
     gram = tested.T @ tested
     values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     keep = values > torch.finfo(values.dtype).eps * values.max() * gram.shape[0]
     whiten = vectors[:, keep] / values[keep].sqrt()  # an orthonormal basis of the span is tested @ whiten
     core = tested.T @ products
-    projected = whiten.T @ ((core + core.T) / 2) @ whiten
-    return float(torch.linalg.eigvalsh(projected)[0])
+    ritz = torch.linalg.eigvalsh(whiten.T @ ((core + core.T) / 2) @ whiten)
+    return float(ritz[0]), float(ritz[-1])
 
 
 def nystroem_factors(omega: Tensor, product: Tensor) -> tuple[Tensor, Tensor]:
