@@ -144,13 +144,17 @@ def test_compute_influences_with_query_rank_scores_the_cut_factors_and_their_per
 
 def test_the_callback_saves_query_rank_with_the_result_and_in_the_run_identity(tmp_path):
     callback = InfluenceCallback(method="direct", hessian_regularization=0.1, num_queries=3, query_rank=2,
-                                 save_dir=tmp_path / "influence", top_k=2)
+                                 save_dir=tmp_path / "influence", top_k=2, batch_size=2)  # chunks of 16 examples
     x, y = blobs(24)
-    make_trainer(tmp_path, logger=False, callbacks=[callback], epochs=1).fit(Classifier(),
-                                                                            *loaders(x, y, *blobs(6, seed=1)))
-    metadata = callback.result.metadata
-    assert metadata["query_rank"] == 2 and run_identity(metadata)["query_rank"] == 2
-    assert callback.result.scores.shape == (3, 24)
+    module = Classifier()
+    make_trainer(tmp_path, logger=False, callbacks=[callback], epochs=1).fit(module, *loaders(x, y, *blobs(6, seed=1)))
+    result = callback.result
+    assert result.metadata["query_rank"] == 2 and run_identity(result.metadata)["query_rank"] == 2
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    expected = compute_influences_up(model, DataLoader(TensorDataset(x, y), batch_size=5), result.factors,
+                                     query_rank=2)
+    torch.testing.assert_close(result.scores, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.score(model, DataLoader(TensorDataset(x, y), batch_size=7)), expected)
 
 
 def test_the_callback_refuses_uncovered_parameters_before_training(tmp_path):
