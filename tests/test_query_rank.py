@@ -225,3 +225,10 @@ def test_a_model_output_without_known_logits_is_refused_before_the_curvature_fit
     factors = random_factors(picked)
     torch.testing.assert_close(compute_influences_up(picked, data, factors, query_rank=3),
                                compute_influences_up(picked, data, factors), rtol=1e-10, atol=1e-10)
+
+
+def test_each_layer_is_scored_in_the_order_with_fewer_multiply_adds():
+    queries, rank = 100, 32
+    assert low_rank.fused_is_cheaper(queries, 1, rank, 512, 513, tokens=False)  # an MLP layer: 8x fewer
+    assert not low_rank.fused_is_cheaper(queries, 64, rank, 256, 257, tokens=False)  # 64 positions: the block wins
+    assert low_rank.fused_is_cheaper(queries, 64, rank, 256, 30_000, tokens=True)  # tokens: a look-up per position
