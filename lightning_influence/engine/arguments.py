@@ -64,6 +64,9 @@ class InfluenceArguments:
         curvature_samples: fit the curvature on this many training examples, drawn at random (seeded by
             `curvature_seed`), and score all of them; None (or at least N): on every training example.
         curvature_seed: the seed of that draw.
+        query_rank: score with each layer's block of every influence factor cut to its best rank-r approximation
+            (`lightning_influence.engine.low_rank`), never forming the block or a per-example gradient; needs every
+            selected parameter in a layer that `LayerStructure` covers. None: the full factors.
     """
 
     method: InversionMethod | str = "cg"
@@ -80,6 +83,7 @@ class InfluenceArguments:
     on_negative_curvature: str = "warn"
     curvature_samples: int | None = None
     curvature_seed: int = 0
+    query_rank: int | None = None
 
     def __post_init__(self) -> None:
         method = "auto" if self.method == "auto" else InversionMethod.parse(self.method)
@@ -107,6 +111,7 @@ class InfluenceArguments:
                                             NEGATIVE_CURVATURE_ACTIONS),
             "curvature_samples": positive_int("curvature_samples", self.curvature_samples, allow_none=True),
             "curvature_seed": non_negative_int("curvature_seed", self.curvature_seed),
+            "query_rank": positive_int("query_rank", self.query_rank, allow_none=True),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -22,6 +22,13 @@ from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.defaults import resolve, self_influence_rows
 from lightning_influence.engine.distribution import Distribution
+from lightning_influence.engine.low_rank import (
+    LowRankFactors,
+    check_layer_form,
+    low_rank_factors,
+    low_rank_scores,
+    rank_structure,
+)
 from lightning_influence.engine.scoring import (
     gradient_blocks,
     perturbation_scores,
@@ -46,6 +53,10 @@ class InfluenceEngine:
         arguments: the run's options, already validated.
         distribution: the processes taking part (default: this one alone).
         progress: show progress bars.
+
+    With ``arguments.query_rank``, a model whose selected parameters are not all in covered layers is refused
+    here, and one whose layer form fails (the logits unknown, a layer used twice) on the first training example
+    when fitting starts, before any pass over the training data.
     """
 
     def __init__(
@@ -68,6 +79,8 @@ class InfluenceEngine:
         self.distribution = distribution if distribution is not None else Distribution()
         self.progress = progress
         self._solver: Solver | None = None  # chosen and fitted by `fit`
+        self._structure = rank_structure(model) if arguments.query_rank is not None else None
+        self._low_rank: tuple[Tensor, LowRankFactors] | None = None  # the factors last cut to rank, and their cut
         #: What each self-influence solve reported (`trust.solve_record`), until `take_solve_records`.
         self.solve_records: list[dict[str, Any]] = []
 
@@ -98,6 +111,8 @@ class InfluenceEngine:
         (`engine.defaults`, the choices and their reasons in its info under "choices"); collective, and done
         once per engine."""
         if self._solver is None:
+            if self._structure is not None:
+                check_layer_form(self.model, self._structure, self.training_data)
             with self.model.evaluating():
                 choices = resolve(self.model, self.arguments, self._operator)
                 solver = make_solver(choices.method, **choices.method_kwargs)
@@ -136,11 +151,23 @@ class InfluenceEngine:
         Local: processes may finish at different times."""
         if loader_length(data) == 0:
             return factors.new_zeros(factors.shape[0], 0)
-        return up_scores(self.model, data, factors, progress=self.progress)
+        if self._structure is None:
+            return up_scores(self.model, data, factors, progress=self.progress)
+        return low_rank_scores(self.model, self._structure, data, self._cut(factors), progress=self.progress)
 
     def perturbations(self, data: Iterable[Any], factors: Tensor) -> Tensor:
-        """I_pert = ∇ₓ I_up of every example of a non-empty `data`, [M, n, *x_shape]. Local."""
+        """I_pert = ∇ₓ I_up of every example of a non-empty `data`, [M, n, *x_shape]; with ``query_rank``, of the
+        rank-r I_up (the factors reconstructed from their cut). Local."""
+        if self._structure is not None:
+            factors = self._structure.from_matrices(self._cut(factors).blocks())
         return perturbation_scores(self.model, data, factors, progress=self.progress)
+
+    def _cut(self, factors: Tensor) -> LowRankFactors:
+        """`factors` cut to ``query_rank`` layer by layer, computed once for the factors every chunk is scored with."""
+        if self._low_rank is None or self._low_rank[0] is not factors:
+            cut = low_rank_factors(self._structure, factors, self.arguments.query_rank)  # type: ignore[arg-type]
+            self._low_rank = (factors, cut)
+        return self._low_rank[1]
 
     # ---------------------------------------------------------------------------------------- stage 5: self
     def self_influences(self, data: Iterable[Any]) -> Tensor:

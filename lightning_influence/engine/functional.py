@@ -12,12 +12,19 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_influence.checks import CurvatureChoice
+from lightning_influence.checks import CurvatureChoice, positive_int
 from lightning_influence.curvature.reducer import LocalReducer, Reducer
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.defaults import self_influence_rows
 from lightning_influence.engine.engine import InfluenceEngine
+from lightning_influence.engine.low_rank import (
+    check_layer_form,
+    low_rank_factors,
+    low_rank_scores,
+    rank_structure,
+    truncated_factors,
+)
 from lightning_influence.engine.scoring import perturbation_scores, self_influences, up_scores
 from lightning_influence.enums import InfluenceType, InversionMethod
 from lightning_influence.errors import InfluenceComputationError
@@ -138,9 +145,18 @@ def compute_influences_up(
     influence_factors: InverseHvpResult | Tensor,
     *,
     progress: bool = False,
+    query_rank: int | None = None,
 ) -> Tensor:
-    """Up-weighting influence ⟨s_test, ∇θ ℓ(zᵢ)⟩ of every example of `input_data` on every query: [M, N]."""
-    return up_scores(model, input_data, _factor_tensor(model, influence_factors), progress=progress)
+    """Up-weighting influence ⟨s_test, ∇θ ℓ(zᵢ)⟩ of every example of `input_data` on every query: [M, N].
+
+    With `query_rank=r`, each layer's block of every factor is cut to its best rank-r approximation and the
+    scores are formed from that cut without per-example gradients (`lightning_influence.engine.low_rank`)."""
+    factors = _factor_tensor(model, influence_factors)
+    if positive_int("query_rank", query_rank, allow_none=True) is None:
+        return up_scores(model, input_data, factors, progress=progress)
+    structure = rank_structure(model)
+    return low_rank_scores(model, structure, input_data, low_rank_factors(structure, factors, query_rank),
+                           progress=progress)
 
 
 def compute_influences_pert(
@@ -149,9 +165,14 @@ def compute_influences_pert(
     influence_factors: InverseHvpResult | Tensor,
     *,
     progress: bool = False,
+    query_rank: int | None = None,
 ) -> Tensor:
-    """Perturbation influence ∇ₓ ⟨s_test, ∇θ ℓ(zᵢ)⟩ for every example of `input_data`: [M, N, *x_shape]."""
-    return perturbation_scores(model, input_data, _factor_tensor(model, influence_factors), progress=progress)
+    """Perturbation influence ∇ₓ ⟨s_test, ∇θ ℓ(zᵢ)⟩ for every example of `input_data`: [M, N, *x_shape]; with
+    `query_rank=r`, of the rank-r scores (the factors' layer blocks cut as in `compute_influences_up`)."""
+    factors = _factor_tensor(model, influence_factors)
+    if positive_int("query_rank", query_rank, allow_none=True) is not None:
+        factors = truncated_factors(rank_structure(model), factors, query_rank)
+    return perturbation_scores(model, input_data, factors, progress=progress)
 
 
 def compute_self_influences(
@@ -176,15 +197,21 @@ def compute_influences(
     hessian_regularization: float = 0.0,
     progress: bool = False,
     reducer: Reducer | None = None,
+    query_rank: int | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """Influence of each example of `input_data` (default: `training_data`) on each example of `test_data`
-    (default: `training_data`): [M, N] for `up`, [M, N, *x_shape] for `perturbation`.
+    (default: `training_data`): [M, N] for `up`, [M, N, *x_shape] for `perturbation`; with `query_rank=r`, from
+    the factors cut to rank r layer by layer (see `compute_influences_up`), checked on the first example of
+    `input_data` before the curvature is fitted.
 
     If scoring fails after the factors exist, the raised `InfluenceComputationError` carries them in
     `.partial["factors"]` so the inversion need not be repeated.
     """
     influence_type = InfluenceType.parse(influence_type)
+    scored = input_data if input_data is not None else training_data
+    if positive_int("query_rank", query_rank, allow_none=True) is not None:
+        check_layer_form(model, rank_structure(model), scored)
     factors = compute_influence_factors(
         model,
         training_data,
@@ -197,7 +224,7 @@ def compute_influences(
     )
     scorer = compute_influences_up if influence_type is InfluenceType.up else compute_influences_pert
     try:
-        return scorer(model, input_data if input_data is not None else training_data, factors, progress=progress)
+        return scorer(model, scored, factors, progress=progress, query_rank=query_rank)
     except Exception as error:
         raise InfluenceComputationError(
             f"Scoring failed after the influence factors were computed: {error}. The factors are kept in "

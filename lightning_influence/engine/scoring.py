@@ -17,11 +17,11 @@ from lightning_influence.model.data import batch_size, iterate_batches, rebatche
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
 
-def gradients(
+def compute_batches(
     model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
-) -> Iterator[tuple[int, Tensor]]:
-    """Per-example gradients ∇θ ℓ(zᵢ, θ), [B, p] blocks in loader order, checked finite, with the index of the
-    loader batch each block starts in.
+) -> Iterator[tuple[int, int, Any, Tensor]]:
+    """The examples of `data` in loader order as compute batches (index, first row, inputs, targets): the index
+    of the loader batch (or `BatchSpan` of them) a compute batch comes from and its first row there.
 
     Loader batches are joined into compute batches of `model.compute_rows` examples (and a larger loader batch
     is cut to that size), so the number of vectorised calls depends on the memory budget, not on the loader's
@@ -31,9 +31,17 @@ def gradients(
     for index, inputs, targets in rebatched(batches, model.compute_rows):
         rows = model.compute_rows(inputs, targets)
         for start, stop in row_slices(batch_size(inputs), rows):
-            piece_inputs, piece_targets = slice_batch(inputs, targets, start, stop)
-            block = model.example_gradients(piece_inputs, piece_targets)
-            yield index, check_finite(block, f"per-example gradients of {name}", index, first_row=start)
+            yield index, start, *slice_batch(inputs, targets, start, stop)
+
+
+def gradients(
+    model: TwiceDifferentiable, data: Iterable[Any], *, name: str, progress: bool = False
+) -> Iterator[tuple[int, Tensor]]:
+    """Per-example gradients ∇θ ℓ(zᵢ, θ), [B, p] blocks in loader order (`compute_batches`), checked finite, with
+    the index of the loader batch each block starts in."""
+    for index, start, inputs, targets in compute_batches(model, data, name=name, progress=progress):
+        block = model.example_gradients(inputs, targets)
+        yield index, check_finite(block, f"per-example gradients of {name}", index, first_row=start)
 
 
 def _first_checked(model: TwiceDifferentiable, batches: Iterator[tuple[int, Any, Tensor]]

@@ -149,6 +149,10 @@ class InfluenceCallback(pl.Callback):
         curvature_samples: fit the curvature on this many training examples drawn at random (the standard way
             to scale to a large N); all N are scored. None: every training example.
         curvature_seed: the seed of that draw (saved in the metadata).
+        query_rank: score with each layer's block of every influence factor cut to its best rank-r approximation,
+            without forming per-example gradients (faster where r is well below the layers' sizes; kronfluence's
+            query_gradient_rank). Needs every selected parameter in an nn.Linear, nn.Conv2d, nn.Embedding or
+            attention projection (else choose them with ``params=``). None (default): the full factors.
 
     Every index (in the result, the tables and the CSVs) is a position in the dataset the callback reads: with a
     ``Subset`` a position in the subset, with a ``ConcatDataset`` one in the concatenation; a ``batch_transform``
@@ -195,6 +199,7 @@ class InfluenceCallback(pl.Callback):
         on_negative_curvature: Literal["warn", "raise"] = "warn",
         curvature_samples: int | None = None,
         curvature_seed: int = 0,
+        query_rank: int | None = None,
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -202,7 +207,7 @@ class InfluenceCallback(pl.Callback):
             hessian_regularization=hessian_regularization, curvature=curvature, block_diagonal=block_diagonal,
             influence_type=influence_type, self_influence=self_influence, batch_size=batch_size,
             max_memory=max_memory, on_unconverged=on_unconverged, on_negative_curvature=on_negative_curvature,
-            curvature_samples=curvature_samples, curvature_seed=curvature_seed,
+            curvature_samples=curvature_samples, curvature_seed=curvature_seed, query_rank=query_rank,
         )
         self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")

@@ -168,11 +168,11 @@ def token_sums(delta: Tensor, tokens: Tensor, count: int, out: Tensor | None = N
 class LayerStructure:
     """Maps flat vectors θ ∈ ℝᵖ to per-layer matrices [out, in'] and captures (a, δ) for each layer.
 
-    Raises ValueError naming the selected parameters outside the covered layers, and the `params=` that selects
-    only the covered ones.
+    Raises ValueError naming the selected parameters outside the covered layers, the `params=` that selects
+    only the covered ones, and `fallback`: what else the caller can do.
     """
 
-    def __init__(self, model: TwiceDifferentiable) -> None:
+    def __init__(self, model: TwiceDifferentiable, *, fallback: str = "use another inversion method") -> None:
         blocks, unsupported = layer_blocks(model)
         if unsupported:
             missing = {entry.partition(" ")[0] for entry in unsupported}
@@ -180,7 +180,7 @@ class LayerStructure:
             choice = f"Select only the covered layers with params={covered}" if covered else "None is covered"
             raise ValueError(
                 f"The per-layer form covers {COVERED}; it would leave out the selected parameters {unsupported}. "
-                f"{choice}, or use another inversion method."
+                f"{choice}, or {fallback}."
             )
         self.model = model
         self.blocks = blocks
@@ -335,22 +335,27 @@ class LayerStructure:
         values, vectors = torch.linalg.eigh(hessians)
         return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
 
-    def example_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Per-example gradients [B, p] as outer products δ aᵀ: one forward and one reverse pass, no vmap.
-
-        Each layer's products are written straight into their columns of the [B, p] result (one write of
-        B × p values, no intermediate copy: the write is most of the cost when p is large). An output without
-        one tensor of logits raises LayerFormError (the vmap path takes any output).
-        """
+    def capture(self, inputs: Any, targets: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each layer's inputs a (as `forward` gives them) and the output gradients δ [B, T, out] of every example's
+        own loss ℓ(zᵢ): one forward and one reverse pass. An output without one tensor of logits raises
+        LayerFormError (the vmap path takes any output)."""
         outputs, activations, layer_outputs = self.forward(inputs)
         path = self.model.output_transform.path(outputs)
         if path is None:
             raise LayerFormError("The model's output is not one tensor, and no output_transform picks its logits.")
         logits = get_at(outputs, path)
         cotangent = self.example_output_gradients(logits, self.model.logit_loss(outputs, path), targets)
-        deltas = self.backward(logits, layer_outputs, cotangent, retain=False)
-        count = cotangent.shape[0]
-        gradients = cotangent.new_empty(count, self.model.num_params)
+        return activations, self.backward(logits, layer_outputs, cotangent, retain=False)
+
+    def example_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Per-example gradients [B, p] as outer products δ aᵀ from `capture`, no vmap.
+
+        Each layer's products are written straight into their columns of the [B, p] result (one write of
+        B × p values, no intermediate copy: the write is most of the cost when p is large).
+        """
+        activations, deltas = self.capture(inputs, targets)
+        count = deltas[0].shape[0]
+        gradients = deltas[0].new_empty(count, self.model.num_params)
         for block, delta, a in zip(self.blocks, deltas, activations):
             if block.weight and block.one_hot:
                 region = gradients[:, self._weight_slice(block)].view(count, block.in_features, block.out_features)

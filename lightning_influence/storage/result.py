@@ -144,7 +144,8 @@ class InfluenceResult:
         return self._top(self.self_influence, k, largest=True)
 
     def score(self, model: TwiceDifferentiable, data: Iterable[Any], *, progress: bool = False) -> Tensor:
-        """Influence [M, N_new] of new training batches on the saved queries, reusing the saved factors.
+        """Influence [M, N_new] of new training batches on the saved queries, reusing the saved factors (cut to the
+        saved ``query_rank`` where the run had one, as its scores were).
 
         `model` must be the model the result was computed with (same weights, parameter selection and loss); this
         is checked against the saved metadata, since factors of other weights or another loss give wrong numbers.
@@ -155,7 +156,8 @@ class InfluenceResult:
                 "TwiceDifferentiable(module, loss_fn, params=result.metadata['parameter_names'])."
             )
         self._check_model(model)
-        return compute_influences_up(model, data, self.factors, progress=progress)
+        return compute_influences_up(model, data, self.factors, progress=progress,
+                                     query_rank=self.metadata.get("query_rank"))
 
     def _check_model(self, model: TwiceDifferentiable) -> None:
         """Refuse a model whose parameter selection, weights or loss differ from the saved ones."""

@@ -66,7 +66,7 @@ __all__ = ["ChunkHook", "compute_influence", "run_identity"]
 _IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
                     "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
                     "num_train", "num_queries", "chunk_size", "world_size", "loss", "curvature_samples",
-                    "curvature_seed")
+                    "curvature_seed", "query_rank")
 
 
 def versions() -> dict[str, str]:
