@@ -24,8 +24,8 @@ from lightning_influence.storage.files import (
     read_json,
     replace_folder,
     staging_folder,
-    tensor_digest,
 )
+from lightning_influence.storage.chunks import check_model, parameter_digest
 from lightning_influence.engine.functional import compute_influences_up
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 
@@ -40,14 +40,6 @@ class TopK(NamedTuple):
 
     indices: Tensor
     scores: Tensor
-
-
-def parameter_digest(model: TwiceDifferentiable) -> str:
-    """A hash of the weights the influence depends on: every parameter and buffer of the module, bit-exact."""
-    module = model.module
-    named = [(f"param:{n}", p) for n, p in module.named_parameters()]
-    named += [(f"buffer:{n}", b) for n, b in module.named_buffers()]
-    return tensor_digest([("selected:" + ",".join(model.param_names), torch.zeros(0))] + named)
 
 
 @dataclass
@@ -159,24 +151,7 @@ class InfluenceResult:
 
     def _check_model(self, model: TwiceDifferentiable) -> None:
         """Refuse a model whose parameter selection, weights or loss differ from the saved ones."""
-        names = self.metadata.get("parameter_names")
-        if names is not None and list(names) != model.param_names:
-            raise ValueError(
-                f"The model's parameter selection {model.param_names} differs from the saved one {names}; wrap "
-                "the module with params=result.metadata['parameter_names']."
-            )
-        saved = self.metadata.get("fingerprint", {}).get("parameters")
-        if saved is not None and saved != parameter_digest(model):
-            raise ValueError(
-                "The model's weights differ from the weights this result was computed with (parameter hash "
-                "mismatch); saved factors only score data for the same weights. Load the same checkpoint."
-            )
-        loss = self.metadata.get("loss")
-        if loss is not None and loss != model.loss_name:
-            raise ValueError(
-                f"The model's loss {model.loss_name!r} differs from the loss this result was computed with ({loss!r}); "
-                "saved factors only score data for the same loss. Wrap the module with that loss_fn."
-            )
+        check_model(self.metadata, model, "this result")
 
     # -- storage ------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:

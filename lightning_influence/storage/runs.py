@@ -42,7 +42,7 @@ from lightning_influence.engine.trust import (
     stage_summary,
 )
 from lightning_influence.enums import InfluenceType
-from lightning_influence.errors import ConvergenceError, NonFiniteError, ResultMismatchError, warn_user
+from lightning_influence.errors import ConvergenceError, NonFiniteError, warn_user
 from lightning_influence.model.data import IndexedData, progress_bar, sample_positions
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 from lightning_influence.solvers.krylov import SINGULAR_HINT
@@ -55,7 +55,8 @@ from lightning_influence.storage.files import (
     tensor_digest,
     to_jsonable,
 )
-from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
+from lightning_influence.storage.chunks import ChunkFolder, check_same_run, index_digest, parameter_digest
+from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult
 
 #: Called after each stored chunk with (stage, chunk number, number of chunks); a hook for progress or tests.
 ChunkHook = Callable[[str, int, int], None]
@@ -85,54 +86,12 @@ def run_identity(metadata: dict[str, Any]) -> dict[str, Any]:
     return {**{key: metadata.get(key) for key in _IDENTITY_FIELDS}, **metadata.get("fingerprint", {})}
 
 
-_LABELS = {
-    "parameters": "model weights (parameter hash)",
-    "query_gradients": "query data (hash of query gradients)",
-    "train_indices": "training indices",
-    "query_indices": "query indices",
-}
-
-
-def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
-    """Raise `ResultMismatchError` naming every field where a stored run differs from this one."""
-    saved = saved or {}
-    differences = []
-    for key, value in current.items():
-        if saved.get(key) != value:
-            label = _LABELS.get(key, key)
-            old, new = saved.get(key, "missing"), value
-            if isinstance(old, str) and isinstance(new, str) and len(new) == 64:
-                old, new = old[:12], new[:12]
-            differences.append(f"{label}: stored {old!r}, now {new!r}")
-    if differences:
-        raise ResultMismatchError(
-            f"{str(where)!r} holds influence results of a different run, which cannot be resumed or reused "
-            f"({'; '.join(differences)}). Pass another save_dir, or delete that folder to start over."
-        )
-
-
-class _PartialRun:
-    """The `partial/` folder: a manifest with the run's identity, the factors, and per-rank score chunks.
-
-    A chunk counts as finished only once its file is in place (atomic rename) and listed in the rank's
-    progress file, so a crash at any point loses at most the chunk being written.
-    """
+class _PartialRun(ChunkFolder):
+    """The `partial/` folder: a chunk folder of per-rank score chunks, with the factors (and, for a gradient
+    store, the fitted solver's state) beside the manifest."""
 
     def __init__(self, folder: Path, distribution: Distribution, identity: dict[str, Any]) -> None:
-        self.folder = folder
-        self.distribution = distribution
-        manifest = folder / "manifest.json"
-        if distribution.is_global_zero and not manifest.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(manifest, {"format_version": FORMAT_VERSION, "identity": identity})
-        distribution.barrier()
-        stored = read_json(manifest)
-        check_same_run(stored.get("identity"), identity, folder)
-        self.rank_dir = folder / f"rank{distribution.rank}-of-{distribution.world_size}"
-        self.rank_dir.mkdir(parents=True, exist_ok=True)
-        self.progress_file = self.rank_dir / "progress.json"
-        finished = read_json(self.progress_file)["finished"] if self.progress_file.is_file() else []
-        self.finished = {(stage, int(chunk)) for stage, chunk in finished}
+        super().__init__(folder, distribution, identity, {"format_version": FORMAT_VERSION})
 
     def load_factors(self) -> tuple[Tensor, dict[str, Any]] | None:
         info_file = self.folder / "factors_info.json"
@@ -144,26 +103,6 @@ class _PartialRun:
         if self.distribution.is_global_zero:
             atomic_save_array(self.folder / "factors.npy", factors)
             atomic_write_json(self.folder / "factors_info.json", info)
-
-    def _chunk_file(self, stage: str, chunk: int) -> Path:
-        return self.rank_dir / f"{stage}-{chunk:06d}.npy"
-
-    def done(self, stage: str, chunk: int) -> bool:
-        return (stage, chunk) in self.finished and self._chunk_file(stage, chunk).is_file()
-
-    def save_chunk(self, stage: str, chunk: int, block: Tensor, record: dict[str, Any]) -> None:
-        atomic_write_json(self._chunk_file(stage, chunk).with_suffix(".json"), to_jsonable(record))
-        atomic_save_array(self._chunk_file(stage, chunk), block)
-        self.finished.add((stage, chunk))
-        atomic_write_json(self.progress_file, {"finished": sorted(self.finished)})
-
-    def load_record(self, stage: str, chunk: int) -> dict[str, Any]:
-        """The record stored with a finished chunk (written before the chunk itself)."""
-        return read_json(self._chunk_file(stage, chunk).with_suffix(".json"))
-
-    def load_stage(self, stage: str, num_chunks: int, axis: int) -> Tensor:
-        blocks = [load_array(self._chunk_file(stage, chunk), mmap=False) for chunk in range(num_chunks)]
-        return torch.cat(blocks, dim=axis)
 
 
 class _Stage(NamedTuple):
@@ -346,7 +285,7 @@ def _run_metadata(model: TwiceDifferentiable, arguments: InfluenceArguments, tra
         "versions": versions(),
         "fingerprint": {
             "parameters": parameter_digest(model), "format_version": FORMAT_VERSION,
-            "train_indices": _index_digest(train_indices), "query_indices": _index_digest(query_indices),
+            "train_indices": index_digest(train_indices), "query_indices": index_digest(query_indices),
             "query_gradients": tensor_digest([("rhs", rhs)]),
         },
     })
@@ -441,7 +380,3 @@ def _empty_stage(stage: str, factors: Tensor, query_data: IndexedData, query_ind
         inputs, _ = query_data.examples(query_indices[:1])
         return factors.new_zeros(factors.shape[0], 0, *inputs.shape[1:])
     return factors.new_zeros(factors.shape[0], 0)
-
-
-def _index_digest(indices: Sequence[int]) -> str:
-    return tensor_digest([("indices", torch.tensor(list(indices), dtype=torch.long))])
