@@ -14,7 +14,9 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from lightning_influence.checks import (
+    STORE_DTYPES,
     CurvatureChoice,
+    StoreDtype,
     check_curvature,
     check_regularization,
     flag,
@@ -64,6 +66,11 @@ class InfluenceArguments:
         curvature_samples: fit the curvature on this many training examples, drawn at random (seeded by
             `curvature_seed`), and score all of them; None (or at least N): on every training example.
         curvature_seed: the seed of that draw.
+        store_gradients: also write the per-example training gradients to a gradient store (``save_dir/gradients``)
+            and keep the fitted solver's state with the result, so that `InfluenceResult.score_queries` scores new
+            queries without a pass over the training data. Like `self_influence`, a finished run can add it.
+        store_dtype: the element type of the stored gradients: ``"float32"``, ``"float16"``, ``"bfloat16"`` (half
+            the size, about 3 or 2 significant digits) or ``"float64"``.
     """
 
     method: InversionMethod | str = "cg"
@@ -80,6 +87,8 @@ class InfluenceArguments:
     on_negative_curvature: str = "warn"
     curvature_samples: int | None = None
     curvature_seed: int = 0
+    store_gradients: bool = False
+    store_dtype: StoreDtype = "float32"
 
     def __post_init__(self) -> None:
         method = "auto" if self.method == "auto" else InversionMethod.parse(self.method)
@@ -107,6 +116,8 @@ class InfluenceArguments:
                                             NEGATIVE_CURVATURE_ACTIONS),
             "curvature_samples": positive_int("curvature_samples", self.curvature_samples, allow_none=True),
             "curvature_seed": non_negative_int("curvature_seed", self.curvature_seed),
+            "store_gradients": flag("store_gradients", self.store_gradients),
+            "store_dtype": one_of("store_dtype", self.store_dtype, STORE_DTYPES),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
