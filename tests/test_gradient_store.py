@@ -4,6 +4,8 @@ to a full run; low-precision stores within their rounding bound; resuming; refus
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from helpers import ExactReference, classification_data, fitted, loader, mlp_mod
 from torch.utils.data import Dataset, TensorDataset
 
 from lightning_influence import (
+    Distribution,
     GradientStore,
     IndexedData,
     InfluenceArguments,
@@ -224,3 +227,117 @@ def test_bad_store_options_are_refused(problem, tmp_path):
     store = GradientStore.build(_model(problem), data, tmp_path)
     with pytest.raises(ValueError, match=r"factors must have shape \[M, 75\]"):
         store.scores(torch.zeros(2, 3, dtype=torch.float64))
+
+
+class _ThreadRank(Distribution):
+    """Rank `rank` of two threads in this process: barriers and gathers between threads, no process group."""
+
+    def __init__(self, rank: int, barrier: threading.Barrier, posted: list) -> None:
+        super().__init__(rank=rank, world_size=2)
+        self._barrier, self._posted = barrier, posted
+
+    @contextmanager
+    def stage(self, name):
+        yield
+
+    def barrier(self) -> None:
+        self._barrier.wait(timeout=60)
+
+    def gather_objects(self, value):
+        self._posted[self.rank] = value
+        self.barrier()
+        gathered = list(self._posted)
+        self.barrier()
+        return gathered
+
+
+def test_two_shards_are_written_apart_and_read_back_in_global_order(problem, tmp_path):
+    """Two ranks (threads standing in for processes) each write their share of every second example, in chunks of
+    8, to their own folder; the store reads them back by dataset index."""
+    x, y = problem[1]
+    barrier, posted, stores = threading.Barrier(2), [None, None], [None, None]
+
+    def build(rank: int) -> None:
+        module = mlp_model()
+        module.load_state_dict(problem[0].state_dict())
+        stores[rank] = GradientStore.build(TwiceDifferentiable(module, F.cross_entropy), TensorDataset(x, y),
+                                           tmp_path, chunk_size=8, dtype="float64",
+                                           train_indices=list(range(N_TRAIN - 1, -1, -1)),
+                                           distribution=_ThreadRank(rank, barrier, posted))
+
+    threads = [threading.Thread(target=build, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    manifest = json.loads((tmp_path / "store.json").read_text())
+    assert [shard["folder"] for shard in manifest["shards"]] == ["rank0-of-2", "rank1-of-2"]
+    assert [shard["indices"] for shard in manifest["shards"]] == [list(range(39, -1, -2)), list(range(38, -1, -2))]
+    assert sorted(path.name for path in (tmp_path / "rank1-of-2").glob("gradients-*.npy")) == [
+        "gradients-000000.npy", "gradients-000001.npy", "gradients-000002.npy"]  # 20 examples in chunks of 8
+    model = _model(problem)
+    with model.evaluating():
+        exact = stacked_gradients(model, loader(x, y), name="training_data")
+    factors = torch.randn(2, exact.shape[1], dtype=torch.float64)
+    for store in stores:
+        assert store.train_indices.tolist() == list(range(N_TRAIN))
+        torch.testing.assert_close(store.scores(factors), factors @ exact.T, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_shard_each_read_back_in_global_order(tmp_path):
+    """A stored run under two gloo processes: each rank's shard (every second example, chunks of 8) in its own
+    folder, read back by dataset index, rescoring to the one-process run's scores."""
+    from distributed_workers import BATCH, REGULARIZATION as DDP_REGULARIZATION, launch, make_model, store_body
+    from helpers import linear_model
+
+    x, y = classification_data(37)
+    xq, yq = classification_data(3, seed=1)
+    state = fitted(linear_model(), x, y).state_dict()
+    torch.save({"x": x, "y": y, "xq": xq, "yq": yq, "state": state}, tmp_path / "problem.pt")
+    launch(store_body, (str(tmp_path / "init"), str(tmp_path)), deadline_s=120)
+    store = GradientStore.open(tmp_path / "run" / "gradients")
+    manifest = json.loads((tmp_path / "run" / "gradients" / "store.json").read_text())
+    assert [shard["folder"] for shard in manifest["shards"]] == ["rank0-of-2", "rank1-of-2"]
+    assert [shard["indices"] for shard in manifest["shards"]] == [list(range(0, 37, 2)), list(range(1, 37, 2))]
+    assert [shard["chunks"] for shard in manifest["shards"]] == [3, 3]  # 19 and 18 examples in chunks of 8
+    model = make_model(state)
+    with model.evaluating():
+        exact = stacked_gradients(model, loader(x, y), name="training_data")
+    factors = torch.randn(2, exact.shape[1], dtype=torch.float64)
+    assert store.train_indices.tolist() == list(range(37))
+    torch.testing.assert_close(store.scores(factors), factors @ exact.T, rtol=1e-12, atol=1e-15)
+    arguments = InfluenceArguments(method="direct", hessian_regularization=DDP_REGULARIZATION, batch_size=BATCH)
+    alone = compute_influence(model, IndexedData(TensorDataset(x, y)), IndexedData(TensorDataset(xq, yq)),
+                              arguments, save_dir=tmp_path / "alone")
+    rescored = InfluenceResult.load(tmp_path / "run").score_queries(model, loader(xq, yq))
+    torch.testing.assert_close(rescored.scores, alone.scores, rtol=1e-10, atol=1e-13)
+
+
+def test_the_callback_keeps_a_store_that_rescores_new_queries(tmp_path):
+    import pytorch_lightning as pl
+    from lit_helpers import Classifier, blobs, loaders, make_trainer
+
+    from lightning_influence import InfluenceCallback
+
+    pl.seed_everything(0, verbose=False)
+    callback = InfluenceCallback(method="direct", hessian_regularization=0.1, curvature="ggn", num_queries=3,
+                                 store_gradients=True, save_dir=tmp_path / "influence")
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[callback], epochs=1)
+    x, y = blobs(24)
+    xv, yv = blobs(6, seed=1)
+    module = Classifier()
+    trainer.fit(module, *loaders(x, y, xv, yv))
+    assert (tmp_path / "influence" / "gradients" / "store.json").is_file()
+    loaded = InfluenceResult.load(tmp_path / "influence")
+    assert loaded.metadata["gradient_store"]["dtype"] == "float32"
+    model = TwiceDifferentiable(module, F.cross_entropy)
+    same = loaded.score_queries(model, loader(xv[:3], yv[:3]), top_k=2)
+    torch.testing.assert_close(same.scores, loaded.scores, rtol=1e-5, atol=1e-6)  # float32 model and store
+    xn, yn = blobs(7, seed=5)
+    new = loaded.score_queries(model, loader(xn, yn), top_k=2)
+    assert new.scores.shape == (7, 24) and new.helpful.indices.shape == (7, 2)
+    factors = new.factors
+    with model.evaluating():
+        exact = stacked_gradients(model, loader(x, y), name="training_data")
+    torch.testing.assert_close(new.scores, factors @ exact.T, rtol=1e-5, atol=1e-6)
