@@ -92,7 +92,7 @@ class InfluenceResult:
     self_influence: Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     perturbation: Tensor | None = None
-    solver_state: dict[str, Any] | None = field(default=None, repr=False)
+    solver_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     folder: Path | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
