@@ -33,7 +33,8 @@ from lightning_influence.errors import (
 from lightning_influence.model.data import IndexedData
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.solvers import InverseHvpResult, Solver, make_solver
-from lightning_influence.storage.result import InfluenceResult
+from lightning_influence.storage.gradient_store import GradientStore
+from lightning_influence.storage.result import InfluenceResult, QueryScores
 from lightning_influence.storage.runs import compute_influence
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "DistributedReducer",
     "DistributedStageError",
     "Distribution",
+    "GradientStore",
     "IndexedData",
     "InfluenceArguments",
     "InfluenceCallback",
@@ -56,6 +58,7 @@ __all__ = [
     "LocalReducer",
     "NonFiniteError",
     "NotFittedError",
+    "QueryScores",
     "Reducer",
     "ResultMismatchError",
     "Solver",

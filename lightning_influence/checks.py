@@ -14,6 +14,9 @@ Curvature = Literal["hessian", "ggn"]
 CURVATURES: tuple[str, ...] = ("hessian", "ggn")
 #: A curvature, or "auto": chosen when the curvature is fitted (`lightning_influence.engine.defaults`).
 CurvatureChoice = Literal["hessian", "ggn", "auto"]
+#: The element types a gradient store keeps its training gradients in (`storage.gradient_store`).
+StoreDtype = Literal["float32", "float16", "bfloat16", "float64"]
+STORE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 
 
 def positive_int(name: str, value: Any, allow_none: bool = False) -> Any:

@@ -186,3 +186,22 @@ def functional_body(rank: int, world_size: int, init_file: str, directory: str) 
     # The deliberately timed-out gloo group above can abort the process in gloo's C++ teardown ("terminate called
     # without an active exception") about one run in ten; the results are saved, so leave without that teardown.
     os._exit(0)
+
+
+def store_body(rank: int, world_size: int, init_file: str, directory: str) -> None:
+    """A stored run (`compute_influence` with store_gradients=True) under one two-process gloo group."""
+    from lightning_influence import compute_influence
+
+    out = Path(directory)
+    try:
+        _init(rank, world_size, init_file)
+        train, queries, state = problem(out)
+        arguments = InfluenceArguments(method="direct", hessian_regularization=REGULARIZATION, batch_size=BATCH,
+                                       chunk_batches=1, store_gradients=True, store_dtype="float64")
+        with Distribution.from_process_group(timeout=datetime.timedelta(seconds=30)) as distribution:
+            compute_influence(make_model(state), IndexedData(train), IndexedData(queries), arguments,
+                              save_dir=out / "run", distribution=distribution)
+        dist.destroy_process_group()
+    except BaseException:
+        (out / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise

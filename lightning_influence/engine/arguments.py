@@ -14,7 +14,9 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from lightning_influence.checks import (
+    STORE_DTYPES,
     CurvatureChoice,
+    StoreDtype,
     check_curvature,
     check_regularization,
     flag,
@@ -67,6 +69,11 @@ class InfluenceArguments:
         query_rank: score with each layer's block of every influence factor cut to its best rank-r approximation
             (`lightning_influence.engine.low_rank`), never forming the block or a per-example gradient; needs every
             selected parameter in a layer that `LayerStructure` covers. None: the full factors.
+        store_gradients: also write the per-example training gradients to a gradient store (``save_dir/gradients``)
+            and keep the fitted solver's state with the result, so that `InfluenceResult.score_queries` scores new
+            queries without a pass over the training data. Like `self_influence`, a finished run can add it.
+        store_dtype: the element type of the stored gradients: ``"float32"``, ``"float16"``, ``"bfloat16"`` (half
+            the size, about 3 or 2 significant digits) or ``"float64"``.
     """
 
     method: InversionMethod | str = "cg"
@@ -84,6 +91,8 @@ class InfluenceArguments:
     curvature_samples: int | None = None
     curvature_seed: int = 0
     query_rank: int | None = None
+    store_gradients: bool = False
+    store_dtype: StoreDtype = "float32"
 
     def __post_init__(self) -> None:
         method = "auto" if self.method == "auto" else InversionMethod.parse(self.method)
@@ -112,6 +121,8 @@ class InfluenceArguments:
             "curvature_samples": positive_int("curvature_samples", self.curvature_samples, allow_none=True),
             "curvature_seed": non_negative_int("curvature_seed", self.curvature_seed),
             "query_rank": positive_int("query_rank", self.query_rank, allow_none=True),
+            "store_gradients": flag("store_gradients", self.store_gradients),
+            "store_dtype": one_of("store_dtype", self.store_dtype, STORE_DTYPES),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

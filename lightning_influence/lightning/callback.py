@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_influence.checks import (
     CurvatureChoice,
+    StoreDtype,
     flag,
     import_object,
     one_of,
@@ -153,6 +154,12 @@ class InfluenceCallback(pl.Callback):
             without forming per-example gradients (faster where r is well below the layers' sizes; kronfluence's
             query_gradient_rank). Needs every selected parameter in an nn.Linear, nn.Conv2d, nn.Embedding or
             attention projection (else choose them with ``params=``). None (default): the full factors.
+        store_gradients: after the scores, write the per-example training gradients to a gradient store in
+            ``<save_dir>/gradients`` (one more streamed pass; one shard per process under DDP) and keep the fitted
+            solver with the result, so that ``InfluenceResult.load(save_dir).score_queries(model, new_queries)``
+            scores new queries without a pass over the training data.
+        store_dtype: the element type of the stored gradients: ``float32`` (default), ``float16`` or ``bfloat16``
+            (half the size; about 3 and 2 significant digits), or ``float64``.
 
     Every index (in the result, the tables and the CSVs) is a position in the dataset the callback reads: with a
     ``Subset`` a position in the subset, with a ``ConcatDataset`` one in the concatenation; a ``batch_transform``
@@ -200,6 +207,8 @@ class InfluenceCallback(pl.Callback):
         curvature_samples: int | None = None,
         curvature_seed: int = 0,
         query_rank: int | None = None,
+        store_gradients: bool = False,
+        store_dtype: StoreDtype = "float32",
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -208,6 +217,7 @@ class InfluenceCallback(pl.Callback):
             influence_type=influence_type, self_influence=self_influence, batch_size=batch_size,
             max_memory=max_memory, on_unconverged=on_unconverged, on_negative_curvature=on_negative_curvature,
             curvature_samples=curvature_samples, curvature_seed=curvature_seed, query_rank=query_rank,
+            store_gradients=store_gradients, store_dtype=store_dtype,
         )
         self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")

@@ -52,7 +52,7 @@ from lightning_influence.storage.files import (
     to_jsonable,
 )
 from lightning_influence.storage.result import METADATA_FILE, InfluenceResult
-from lightning_influence.storage.runs import check_same_run
+from lightning_influence.storage.chunks import check_same_run
 from lightning_influence.storage.validation import (
     LEAVE_ONE_OUT_STREAM,
     TRAINING_STREAM,

@@ -28,6 +28,8 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
     exact system, preconditioned by this inverse (see `ApproximateSolver`).
     """
 
+    fitted_state = ("_eigenvalues", "_eigenvectors", "_complement")
+
     def __init__(
         self,
         rank: int = 10,

@@ -57,6 +57,10 @@ class Solver(ABC):
 
     registry: ClassVar[dict[InversionMethod, type[Solver]]] = {}
     method: ClassVar[InversionMethod]
+    #: The attributes `fit` sets and solving reads (tensors, numbers, dtypes, lists or tuples of them): what
+    #: `state_dict` saves and `from_state_dict` restores, so that a solver fitted once solves again elsewhere (from
+    #: a saved result) without the passes of its fit.
+    fitted_state: ClassVar[tuple[str, ...]] = ()
 
     @property
     def collective_solve(self) -> bool:
@@ -158,6 +162,36 @@ class Solver(ABC):
                                       exact=False)
         self._indefinite.setdefault("iterations", info["iterations"])  # type: ignore[union-attr]  # set above
         return facts
+
+    @fit_required
+    def state_dict(self) -> dict[str, Any]:
+        """What solving needs without fitting again: the method, its options, λ, the curvature options of the
+        operator it was fitted on, the fit's facts and the `fitted_state` attributes."""
+        return {
+            "method": self.method.value, "options": self.options, "regularization": self.regularization,
+            "on_negative_curvature": self.on_negative_curvature, "indefinite": self._indefinite,
+            "curvature": self.operator.curvature, "block_diagonal": self.operator.block_diagonal,
+            "fit_info": self.fit_info, "fitted": {name: getattr(self, name) for name in self.fitted_state},
+        }
+
+    @staticmethod
+    def from_state_dict(state: dict[str, Any], operator: CurvatureOperator) -> Solver:
+        """The solver a `state_dict` describes, fitted, solving with `operator`: an operator of the same model and
+        parameters, with the curvature options `state` names (over the training data when the method's solves
+        make passes, `collective_solve`; over none otherwise). No pass over the data is made here."""
+        solver = make_solver(state["method"], **state["options"])
+        solver.regularization = float(state["regularization"])
+        solver.on_negative_curvature = state["on_negative_curvature"]
+        solver._indefinite = state["indefinite"]
+        solver.fit_info = dict(state["fit_info"])
+        for name in solver.fitted_state:
+            setattr(solver, name, _to_device(state["fitted"][name], operator.device))
+        solver._restore(operator)
+        solver._operator = operator
+        return solver
+
+    def _restore(self, operator: CurvatureOperator) -> None:
+        """Rebuild, from `operator`, fitted state that `fitted_state` leaves out (structures of the model)."""
 
     @fit_required
     def solve(self, rhs: Tensor) -> InverseHvpResult:
@@ -370,6 +404,15 @@ def make_solver(method: str | InversionMethod, **options: Any) -> Solver:
             f"Unknown option(s) {unknown} for inversion method {method.value!r}; it accepts {accepted}."
         )
     return cls(**options)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (through lists and tuples) moved to `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
 
 
 def work_dtype(device: torch.device) -> torch.dtype:

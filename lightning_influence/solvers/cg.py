@@ -32,6 +32,8 @@ class ConjugateGradientSolver(Solver, method="cg"):
     iteration); the answer is the same, the iterations fewer when H has a few dominant eigenvalues.
     """
 
+    fitted_state = ("_inverse_diagonal", "_low_rank")
+
     def __init__(
         self,
         rtol: float = 1e-6,

@@ -23,6 +23,7 @@ class DirectSolver(Solver, method="direct"):
     """
 
     collective_solve = False  # type: ignore[assignment]  # solves from the stored factorisation
+    fitted_state = ("_factors",)
 
     def __init__(self, eigen_rtol: float = 1e-10) -> None:
         super().__init__()

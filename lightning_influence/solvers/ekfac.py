@@ -50,6 +50,8 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
     for conjugate-gradient steps on the operator's exact curvature preconditioned by EK-FAC (`ApproximateSolver`).
     """
 
+    fitted_state = ("_basis", "_eigenvalues", "_dtype")
+
     def __init__(
         self, samples: int | None = None, factor_dtype: str = "float64", seed: int = 0, refine: int = 2
     ) -> None:
@@ -160,6 +162,9 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
                         contribution = (torch.einsum("bto,bti->boi", d_rot, a_rot) ** 2).sum(0)
                     sums[layer] += check_finite(contribution, "EK-FAC eigenvalue correction", index)
         return [operator.sum_over_processes(s) / n for s in sums]
+
+    def _restore(self, operator: CurvatureOperator) -> None:
+        self.structure = LayerStructure(operator.model)
 
     @fit_required
     def _approximate(self, rhs: Tensor) -> Tensor:

@@ -45,6 +45,8 @@ class LissaSolver(Solver, method="lissa"):
     batch. Acceleration needs μ > 0 (λ > 0 or dampen > 0); without it the series runs.
     """
 
+    fitted_state = ("_scale", "_accelerate")
+
     def __init__(
         self,
         maxiter: int = 1000,

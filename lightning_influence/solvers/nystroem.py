@@ -42,6 +42,8 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
     """(Ĥ + λI)⁻¹ with Ĥ a rank-`rank` randomised Nyström approximation of H; exact when rank = p. `refine=k`
     adds k conjugate-gradient steps on the exact system, preconditioned by this inverse."""
 
+    fitted_state = ("_eigenvalues", "_eigenvectors", "_complement")
+
     def __init__(
         self,
         rank: int = 50,

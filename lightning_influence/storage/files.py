@@ -99,6 +99,56 @@ def load_array(path: str | os.PathLike[str], mmap: bool = True) -> Tensor:
     return torch.from_numpy(values)
 
 
+TREE_FILE = "tree.json"
+
+
+def save_tree(folder: str | os.PathLike[str], tree: Any) -> None:
+    """Write nested dicts, lists and tuples of tensors, dtypes and JSON values to `folder`: each tensor as a
+    `.npy` file, the rest as `tree.json`, written last (so its presence means the whole tree is there)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays: list[Tensor] = []
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            arrays.append(value)
+            return {"__array__": f"array-{len(arrays) - 1:04d}.npy"}
+        if isinstance(value, torch.dtype):
+            return {"__dtype__": str(value).removeprefix("torch.")}
+        if isinstance(value, tuple):
+            return {"__tuple__": [encode(item) for item in value]}
+        if isinstance(value, list):
+            return [encode(item) for item in value]
+        if isinstance(value, Mapping):
+            return {str(key): encode(item) for key, item in value.items()}
+        return to_jsonable(value)
+
+    encoded = encode(tree)
+    for number, array in enumerate(arrays):
+        atomic_save_array(folder / f"array-{number:04d}.npy", array)
+    atomic_write_json(folder / TREE_FILE, encoded)
+
+
+def load_tree(folder: str | os.PathLike[str]) -> Any:
+    """What `save_tree` wrote to `folder`, its tensors read into memory."""
+    folder = Path(folder)
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        if "__array__" in value:
+            return load_array(folder / value["__array__"], mmap=False)
+        if "__dtype__" in value:
+            return getattr(torch, value["__dtype__"])
+        if "__tuple__" in value:
+            return tuple(decode(item) for item in value["__tuple__"])
+        return {key: decode(item) for key, item in value.items()}
+
+    return decode(read_json(folder / TREE_FILE))
+
+
 def to_numpy(array: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(array, Tensor):
         tensor = array.detach().cpu()

@@ -7,6 +7,7 @@ finished chunks and ends bit-identical to an uninterrupted run. The folder looks
 
     save_dir/
       partial/                 while running: manifest.json (the run's identity), factors, per-rank chunks
+      gradients/               with store_gradients: the GradientStore of the training gradients
       result/                  when done: the InfluenceResult folder (metadata.json written last)
 
 A run is identified by its `InfluenceArguments` (all but `self_influence`, which a finished run can add, and
@@ -42,7 +43,7 @@ from lightning_influence.engine.trust import (
     stage_summary,
 )
 from lightning_influence.enums import InfluenceType
-from lightning_influence.errors import ConvergenceError, NonFiniteError, ResultMismatchError, warn_user
+from lightning_influence.errors import ConvergenceError, NonFiniteError, warn_user
 from lightning_influence.model.data import IndexedData, progress_bar, sample_positions
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable, check_finite
 from lightning_influence.solvers.krylov import SINGULAR_HINT
@@ -50,12 +51,17 @@ from lightning_influence.storage.files import (
     atomic_save_array,
     atomic_write_json,
     check_writable_folder,
+    TREE_FILE,
     load_array,
+    load_tree,
     read_json,
+    save_tree,
     tensor_digest,
     to_jsonable,
 )
-from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
+from lightning_influence.storage.chunks import ChunkFolder, check_same_run, index_digest, parameter_digest
+from lightning_influence.storage.gradient_store import GradientStore, gradient_space
+from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult
 
 #: Called after each stored chunk with (stage, chunk number, number of chunks); a hook for progress or tests.
 ChunkHook = Callable[[str, int, int], None]
@@ -85,54 +91,12 @@ def run_identity(metadata: dict[str, Any]) -> dict[str, Any]:
     return {**{key: metadata.get(key) for key in _IDENTITY_FIELDS}, **metadata.get("fingerprint", {})}
 
 
-_LABELS = {
-    "parameters": "model weights (parameter hash)",
-    "query_gradients": "query data (hash of query gradients)",
-    "train_indices": "training indices",
-    "query_indices": "query indices",
-}
-
-
-def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
-    """Raise `ResultMismatchError` naming every field where a stored run differs from this one."""
-    saved = saved or {}
-    differences = []
-    for key, value in current.items():
-        if saved.get(key) != value:
-            label = _LABELS.get(key, key)
-            old, new = saved.get(key, "missing"), value
-            if isinstance(old, str) and isinstance(new, str) and len(new) == 64:
-                old, new = old[:12], new[:12]
-            differences.append(f"{label}: stored {old!r}, now {new!r}")
-    if differences:
-        raise ResultMismatchError(
-            f"{str(where)!r} holds influence results of a different run, which cannot be resumed or reused "
-            f"({'; '.join(differences)}). Pass another save_dir, or delete that folder to start over."
-        )
-
-
-class _PartialRun:
-    """The `partial/` folder: a manifest with the run's identity, the factors, and per-rank score chunks.
-
-    A chunk counts as finished only once its file is in place (atomic rename) and listed in the rank's
-    progress file, so a crash at any point loses at most the chunk being written.
-    """
+class _PartialRun(ChunkFolder):
+    """The `partial/` folder: a chunk folder of per-rank score chunks, with the factors (and, for a gradient
+    store, the fitted solver's state) beside the manifest."""
 
     def __init__(self, folder: Path, distribution: Distribution, identity: dict[str, Any]) -> None:
-        self.folder = folder
-        self.distribution = distribution
-        manifest = folder / "manifest.json"
-        if distribution.is_global_zero and not manifest.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(manifest, {"format_version": FORMAT_VERSION, "identity": identity})
-        distribution.barrier()
-        stored = read_json(manifest)
-        check_same_run(stored.get("identity"), identity, folder)
-        self.rank_dir = folder / f"rank{distribution.rank}-of-{distribution.world_size}"
-        self.rank_dir.mkdir(parents=True, exist_ok=True)
-        self.progress_file = self.rank_dir / "progress.json"
-        finished = read_json(self.progress_file)["finished"] if self.progress_file.is_file() else []
-        self.finished = {(stage, int(chunk)) for stage, chunk in finished}
+        super().__init__(folder, distribution, identity, {"format_version": FORMAT_VERSION})
 
     def load_factors(self) -> tuple[Tensor, dict[str, Any]] | None:
         info_file = self.folder / "factors_info.json"
@@ -145,25 +109,13 @@ class _PartialRun:
             atomic_save_array(self.folder / "factors.npy", factors)
             atomic_write_json(self.folder / "factors_info.json", info)
 
-    def _chunk_file(self, stage: str, chunk: int) -> Path:
-        return self.rank_dir / f"{stage}-{chunk:06d}.npy"
+    def load_solver_state(self) -> dict[str, Any] | None:
+        folder = self.folder / "solver"
+        return load_tree(folder) if (folder / TREE_FILE).is_file() else None
 
-    def done(self, stage: str, chunk: int) -> bool:
-        return (stage, chunk) in self.finished and self._chunk_file(stage, chunk).is_file()
-
-    def save_chunk(self, stage: str, chunk: int, block: Tensor, record: dict[str, Any]) -> None:
-        atomic_write_json(self._chunk_file(stage, chunk).with_suffix(".json"), to_jsonable(record))
-        atomic_save_array(self._chunk_file(stage, chunk), block)
-        self.finished.add((stage, chunk))
-        atomic_write_json(self.progress_file, {"finished": sorted(self.finished)})
-
-    def load_record(self, stage: str, chunk: int) -> dict[str, Any]:
-        """The record stored with a finished chunk (written before the chunk itself)."""
-        return read_json(self._chunk_file(stage, chunk).with_suffix(".json"))
-
-    def load_stage(self, stage: str, num_chunks: int, axis: int) -> Tensor:
-        blocks = [load_array(self._chunk_file(stage, chunk), mmap=False) for chunk in range(num_chunks)]
-        return torch.cat(blocks, dim=axis)
+    def save_solver_state(self, state: dict[str, Any]) -> None:
+        if self.distribution.is_global_zero:
+            save_tree(self.folder / "solver", state)
 
 
 class _Stage(NamedTuple):
@@ -206,13 +158,7 @@ def compute_influence(
     these inputs in seconds beforehand.
     """
     distribution = distribution if distribution is not None else Distribution()
-    for name, value in (("training_data", training_data), ("query_data", query_data)):
-        if not isinstance(value, IndexedData):
-            raise TypeError(f"{name} must be an IndexedData over a map-style dataset, got {type(value).__name__}.")
-    if not isinstance(arguments, InfluenceArguments):
-        raise TypeError(f"arguments must be an InfluenceArguments, got {type(arguments).__name__}.")
-    train_indices = training_data.check_indices(train_indices, "train_indices")
-    query_indices = query_data.check_indices(query_indices, "query_indices")
+    train_indices, query_indices = _checked_inputs(training_data, query_data, arguments, train_indices, query_indices)
     folder = Path(save_dir)
     with distribution.stage("checking save_dir"):
         if distribution.is_global_zero:
@@ -234,10 +180,14 @@ def compute_influence(
         check_same_run(run_identity(existing.metadata), run_identity(metadata), result_dir)
         if not arguments.self_influence or existing.self_influence is not None:
             _warn_untrustworthy(distribution, existing, arguments, result_dir)
+            if _add_gradient_store(engine, existing, lambda: engine.fit().state_dict(), training_data,
+                                   train_indices, folder):
+                _save(distribution, existing, result_dir)
             return existing
     run = _PartialRun(folder / "partial", distribution, run_identity(metadata))
     with _timed(timings, "factors"):
         factors, info, resumed = _factors(engine, run, rhs)
+    solver_state = _solver_state(engine, run) if arguments.store_gradients else None
     stages: dict[str, Any] = {"factors": solve_record(rhs, factors, info, arguments.curvature)}
     warnings = _agreed_warnings(distribution, record_warnings("influence factors", stages["factors"]), arguments)
     local, records, redone = _chunked_stages(engine, run, factors, shard, len(train_indices), metadata["chunk_size"],
@@ -252,12 +202,76 @@ def compute_influence(
                                    "num_curvature_examples": len(drawn), "choices": info.get("choices"),
                                    "convergence": convergence, "stages": stages, "trustworthy": not warnings,
                                    "warnings": warnings, "timings": timings, "resumed": resumed or redone})
-    with distribution.stage("saving the result"):  # written once, by global rank zero
-        if distribution.is_global_zero:
-            result.save(result_dir)
-            shutil.rmtree(run.folder, ignore_errors=True)
+    _add_gradient_store(engine, result, lambda: solver_state, training_data, train_indices, folder)
+    _save(distribution, result, result_dir, run.folder)
     _warn_untrustworthy(distribution, result, arguments, result_dir)
     return result
+
+
+def _checked_inputs(training_data: IndexedData, query_data: IndexedData, arguments: InfluenceArguments,
+                    train_indices: Sequence[int] | None, query_indices: Sequence[int] | None
+                    ) -> tuple[list[int], list[int]]:
+    """The training and query indices of a run, its inputs checked."""
+    for name, value in (("training_data", training_data), ("query_data", query_data)):
+        if not isinstance(value, IndexedData):
+            raise TypeError(f"{name} must be an IndexedData over a map-style dataset, got {type(value).__name__}.")
+    if not isinstance(arguments, InfluenceArguments):
+        raise TypeError(f"arguments must be an InfluenceArguments, got {type(arguments).__name__}.")
+    return training_data.check_indices(train_indices, "train_indices"), query_data.check_indices(query_indices,
+                                                                                                 "query_indices")
+
+
+def _save(distribution: Distribution, result: InfluenceResult, result_dir: Path, partial: Path | None = None) -> None:
+    """Save `result` in `result_dir` (by global rank zero), then remove the run's `partial` folder."""
+    with distribution.stage("saving the result"):
+        if distribution.is_global_zero:
+            result.save(result_dir)
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
+    result.folder = result_dir
+
+
+#: The gradient store's folder in save_dir, beside result/.
+STORE_FOLDER = "gradients"
+
+
+def _add_gradient_store(engine: InfluenceEngine, result: InfluenceResult, solver_state: Callable[[], dict[str, Any]],
+                        training_data: IndexedData, train_indices: Sequence[int], folder: Path) -> bool:
+    """With `store_gradients`, build (or resume, or reuse) the gradient store in `folder/gradients`, one more
+    streamed pass over the training gradients, and record it and the fitted solver's state (`solver_state()`,
+    when `result` has none) in `result`; whether `result` changed. Collective."""
+    arguments, model = engine.arguments, engine.model
+    if not arguments.store_gradients:
+        return False
+    started = time.perf_counter()
+    chunk_size = arguments.chunk_size
+    budget = arguments.max_memory if arguments.max_memory is not None else model.max_memory
+    if budget is not None:  # a chunk's gradients [chunk, d] are held at once before they are written
+        chunk_size = max(1, min(chunk_size, budget // (gradient_space(model)["gradient_dim"] * model.dtype.itemsize)))
+    with _named("the gradient store"):
+        store = GradientStore.build(model, training_data, folder / STORE_FOLDER, dtype=arguments.store_dtype,
+                                    chunk_size=chunk_size, batch_size=arguments.batch_size,
+                                    train_indices=train_indices, distribution=engine.distribution,
+                                    progress=engine.progress)
+    place = {"path": f"../{STORE_FOLDER}", "dtype": store.dtype, "shape": [store.num_train, store.dim]}
+    changed = result.solver_state is None or result.metadata.get("gradient_store") != place
+    if result.solver_state is None:
+        result.solver_state = solver_state()
+    if changed:
+        result.metadata["gradient_store"] = place
+        result.metadata.setdefault("timings", {})["gradient_store_seconds"] = time.perf_counter() - started
+    return changed
+
+
+def _solver_state(engine: InfluenceEngine, run: _PartialRun) -> dict[str, Any]:
+    """The fitted solver's state: stored in the partial folder by an earlier attempt, or taken from the engine's
+    solver (fitted for the factors, or now) and stored there."""
+    stored = run.load_solver_state()
+    if stored is not None:
+        return stored
+    state = engine.fit().state_dict()
+    run.save_solver_state(state)
+    return state
 
 
 def _chunked_stages(engine: InfluenceEngine, run: _PartialRun, factors: Tensor, shard: Sequence[int], num_train: int,
@@ -346,7 +360,7 @@ def _run_metadata(model: TwiceDifferentiable, arguments: InfluenceArguments, tra
         "versions": versions(),
         "fingerprint": {
             "parameters": parameter_digest(model), "format_version": FORMAT_VERSION,
-            "train_indices": _index_digest(train_indices), "query_indices": _index_digest(query_indices),
+            "train_indices": index_digest(train_indices), "query_indices": index_digest(query_indices),
             "query_gradients": tensor_digest([("rhs", rhs)]),
         },
     })
@@ -441,7 +455,3 @@ def _empty_stage(stage: str, factors: Tensor, query_data: IndexedData, query_ind
         inputs, _ = query_data.examples(query_indices[:1])
         return factors.new_zeros(factors.shape[0], 0, *inputs.shape[1:])
     return factors.new_zeros(factors.shape[0], 0)
-
-
-def _index_digest(indices: Sequence[int]) -> str:
-    return tensor_digest([("indices", torch.tensor(list(indices), dtype=torch.long))])
