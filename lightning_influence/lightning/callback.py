@@ -45,6 +45,7 @@ from lightning_influence.lightning.validation import (
 from lightning_influence.lightning.trainer_data import trainer_loader
 from lightning_influence.model.data import BatchTransform, IndexedData, IndexFn
 from lightning_influence.model.outputs import OutputTransform
+from lightning_influence.model.projection import check_projection_options
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
@@ -149,6 +150,11 @@ class InfluenceCallback(pl.Callback):
         curvature_samples: fit the curvature on this many training examples drawn at random (the standard way
             to scale to a large N); all N are scored. None: every training example.
         curvature_seed: the seed of that draw (saved in the metadata).
+        projection_dim: compress every layer's gradient to about this many numbers with seeded Kronecker-structured
+            random projections; curvature, every method and the scores then work in the projected space (see
+            `TwiceDifferentiable`). None (default): no projection. Saved in the metadata with every layer's sizes.
+        projection_seed: the seed of those projections.
+        projection: their entries, ``"gaussian"`` (default) or ``"sparse"``.
 
     Every index (in the result, the tables and the CSVs) is a position in the dataset the callback reads: with a
     ``Subset`` a position in the subset, with a ``ConcatDataset`` one in the concatenation; a ``batch_transform``
@@ -195,6 +201,9 @@ class InfluenceCallback(pl.Callback):
         on_negative_curvature: Literal["warn", "raise"] = "warn",
         curvature_samples: int | None = None,
         curvature_seed: int = 0,
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        projection: Literal["gaussian", "sparse"] = "gaussian",
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -204,6 +213,9 @@ class InfluenceCallback(pl.Callback):
             max_memory=max_memory, on_unconverged=on_unconverged, on_negative_curvature=on_negative_curvature,
             curvature_samples=curvature_samples, curvature_seed=curvature_seed,
         )
+        check_projection_options(projection_dim, projection_seed, projection)
+        self.projection_options = {"projection_dim": projection_dim, "projection_seed": projection_seed,
+                                   "projection": projection}
         self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.output_transform = OutputTransform(output_transform)
@@ -289,7 +301,8 @@ class InfluenceCallback(pl.Callback):
         """The model, the training and query data, and the query indices of a run; `top_k` is checked against N.
         With `announce`, a `num_queries` beyond the query data is warned about (it is clamped to all of them)."""
         model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params,
-                                    max_memory=self.arguments.max_memory, output_transform=self.output_transform)
+                                    max_memory=self.arguments.max_memory, output_transform=self.output_transform,
+                                    **self.projection_options)
         training = self.training_data
         if training is None:
             training = self._indexed(trainer_loader(trainer, "train"), "training_data (the trainer's training data)",

@@ -50,6 +50,18 @@ def parameter_digest(model: TwiceDifferentiable) -> str:
     return tensor_digest([("selected:" + ",".join(model.param_names), torch.zeros(0))] + named)
 
 
+def projection_metadata(model: TwiceDifferentiable) -> dict[str, Any] | None:
+    """What reproduces the model's gradient projection (`Projection.describe`), None without one."""
+    return None if model.projection is None else model.projection.describe()
+
+
+def _projection_label(projection: dict[str, Any] | None) -> str:
+    """A projection's metadata in a few words, for messages."""
+    if projection is None:
+        return "none"
+    return f"{projection['kind']}, projection_dim={projection['dim_per_layer']}, seed={projection['seed']}"
+
+
 @dataclass
 class InfluenceResult:
     """Influence of N training examples on M queries.
@@ -146,8 +158,9 @@ class InfluenceResult:
     def score(self, model: TwiceDifferentiable, data: Iterable[Any], *, progress: bool = False) -> Tensor:
         """Influence [M, N_new] of new training batches on the saved queries, reusing the saved factors.
 
-        `model` must be the model the result was computed with (same weights, parameter selection and loss); this
-        is checked against the saved metadata, since factors of other weights or another loss give wrong numbers.
+        `model` must be the model the result was computed with (same weights, parameter selection, loss and
+        projection); this is checked against the saved metadata, since factors of other weights, another loss or
+        another projection give wrong numbers.
         """
         if not isinstance(model, TwiceDifferentiable):
             raise TypeError(
@@ -158,7 +171,7 @@ class InfluenceResult:
         return compute_influences_up(model, data, self.factors, progress=progress)
 
     def _check_model(self, model: TwiceDifferentiable) -> None:
-        """Refuse a model whose parameter selection, weights or loss differ from the saved ones."""
+        """Refuse a model whose parameter selection, weights, loss or projection differ from the saved ones."""
         names = self.metadata.get("parameter_names")
         if names is not None and list(names) != model.param_names:
             raise ValueError(
@@ -176,6 +189,14 @@ class InfluenceResult:
             raise ValueError(
                 f"The model's loss {model.loss_name!r} differs from the loss this result was computed with ({loss!r}); "
                 "saved factors only score data for the same loss. Wrap the module with that loss_fn."
+            )
+        saved_projection, projection = self.metadata.get("projection"), projection_metadata(model)
+        if saved_projection != projection:
+            raise ValueError(
+                f"The model's gradient projection ({_projection_label(projection)}) differs from the one this result "
+                f"was computed with ({_projection_label(saved_projection)}); saved factors only score gradients "
+                "projected the same way. Wrap the module with the saved projection_dim, projection_seed and "
+                "projection (result.metadata['projection'])."
             )
 
     # -- storage ------------------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ from lightning_influence.storage.files import (
     tensor_digest,
     to_jsonable,
 )
-from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest
+from lightning_influence.storage.result import (
+    FORMAT_VERSION, METADATA_FILE, InfluenceResult, parameter_digest, projection_metadata,
+)
 
 #: Called after each stored chunk with (stage, chunk number, number of chunks); a hook for progress or tests.
 ChunkHook = Callable[[str, int, int], None]
@@ -66,7 +68,7 @@ __all__ = ["ChunkHook", "compute_influence", "run_identity"]
 _IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
                     "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
                     "num_train", "num_queries", "chunk_size", "world_size", "loss", "curvature_samples",
-                    "curvature_seed")
+                    "curvature_seed", "projection")
 
 
 def versions() -> dict[str, str]:
@@ -340,7 +342,7 @@ def _run_metadata(model: TwiceDifferentiable, arguments: InfluenceArguments, tra
     return to_jsonable({
         **arguments.to_dict(),
         "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
-        "loss": model.loss_name,
+        "gradient_dim": model.gradient_dim, "projection": projection_metadata(model), "loss": model.loss_name,
         "parameter_names": model.param_names, "dtype": str(model.dtype), "world_size": world_size,
         "chunk_size": _chunk_size(model, arguments, training_data, train_indices, len(query_indices)),
         "versions": versions(),
