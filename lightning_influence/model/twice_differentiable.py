@@ -158,8 +158,9 @@ class TwiceDifferentiable:
         self.max_memory = parse_memory(max_memory)
         if self.max_memory is not None and self.max_memory < self._example_bytes():
             raise ValueError(
-                f"max_memory={max_memory!r} cannot hold one per-example gradient of {self.gradient_dim:,} values "
-                f"({self._example_bytes():,} bytes with its working copy); raise it to at least that."
+                f"max_memory={max_memory!r} cannot hold one per-example gradient of {self.gradient_dim:,} "
+                f"{'parameters' if self.projection is None else 'projected values'} ({self._example_bytes():,} bytes "
+                "with its working copy); raise it to at least that."
             )
 
     def _projection(self, dim: int | None, seed: int, kind: str, layer_gradients: bool) -> Projection | None:
