@@ -41,6 +41,20 @@ class TokenModel(nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(tokens))).mean(1))
 
 
+class AttentionModel(nn.Module):
+    """Embedding → self-attention (packed q, k, v projections and out_proj) → mean over positions → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
 def problem(kind: str, n: int = 24) -> tuple[nn.Module, Tensor, Tensor]:
     """A float64 module of `kind` with n examples for it."""
     generator = torch.Generator().manual_seed(1)
@@ -53,7 +67,7 @@ def problem(kind: str, n: int = 24) -> tuple[nn.Module, Tensor, Tensor]:
         return SmallConv().double(), torch.randn(n, 1, 5, 5, generator=generator, dtype=torch.float64), y
     tokens = torch.randint(0, 11, (n, 5), generator=generator)
     tokens[:, -1] = 0  # padding in every example
-    return TokenModel().double(), tokens, y
+    return (TokenModel() if kind == "tokens" else AttentionModel()).double(), tokens, y
 
 
 def projection_matrix(model: TwiceDifferentiable) -> Tensor:
@@ -61,7 +75,7 @@ def projection_matrix(model: TwiceDifferentiable) -> Tensor:
     return model.projection.project(torch.eye(model.num_params, dtype=model.dtype)).T
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "tokens"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "tokens", "attention"])
 @pytest.mark.parametrize("projection", ["gaussian", "sparse"])
 def test_projected_gradients_are_p_times_the_full_gradient(kind, projection):
     module, x, y = problem(kind)
@@ -265,6 +279,8 @@ def test_a_callback_run_records_its_projection_and_refuses_another_one(tmp_path)
                                     {"name": "net.2", "out": 3, "in": 9, "k_out": 2, "k_in": 4}]
     assert result.metadata["gradient_dim"] == projection["dim"] == 16 == result.factors.shape[1]
     assert result.metadata["num_params"] == 75
+    report = next((tmp_path / "run").rglob("influence.md")).read_text()
+    assert "| gradient projection | gaussian, projection_dim=8, seed 0: k = 16 projected values |" in report
     x, y = blobs(24)
     data = loader(x, y)
     same = TwiceDifferentiable(module, F.cross_entropy, projection_dim=8)
