@@ -383,13 +383,13 @@ class TwiceDifferentiable:
 
     def batch_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """Products of the batch's mean-loss Hessian with m vectors, [m, p] → [m, p]; projected, of P H Pᵀ,
-        [m, k] → [m, k] (`in_gradient_space`).
+        [m, k] → [m, k] (`_in_gradient_space`).
 
         Forward-over-reverse (a jvp of the gradient). Where forward mode fails on an op of the model or loss
         (torch 2.13's `F.mse_loss` backward, for one), this model switches to reverse-over-reverse (a vjp of the
         gradient, equal by symmetry of H) for good.
         """
-        return self.in_gradient_space(self._parameter_hvp, inputs, targets, vectors)
+        return self._in_gradient_space(self._parameter_hvp, inputs, targets, vectors)
 
     def _parameter_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """H V in θ's coordinates, [m, p] → [m, p] (see `batch_hvp`)."""
@@ -404,8 +404,8 @@ class TwiceDifferentiable:
 
         return self._map_vectors(forward_over_reverse, reverse_over_reverse, vectors)
 
-    def in_gradient_space(self, product: Callable[[Any, Tensor, Tensor], Tensor], inputs: Any, targets: Tensor,
-                          vectors: Tensor) -> Tensor:
+    def _in_gradient_space(self, product: Callable[[Any, Tensor, Tensor], Tensor], inputs: Any, targets: Tensor,
+                           vectors: Tensor) -> Tensor:
         """`product(inputs, targets, V)` of a matrix C in θ's coordinates, taken in the gradient space: C V
         without a projection; with one, P C Pᵀ V for V [m, k], lifting the vectors to θ in row blocks whose
         [rows, p] copies fit the compute memory (so that a dense P C Pᵀ never holds k × p values at once)."""
@@ -448,7 +448,7 @@ class TwiceDifferentiable:
 
     def batch_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """Products of the batch's generalised Gauss–Newton matrix with m vectors, [m, p] → [m, p]; projected, of
-        P G Pᵀ, [m, k] → [m, k] (`in_gradient_space`).
+        P G Pᵀ, [m, k] → [m, k] (`_in_gradient_space`).
 
         G = Jᵀ (∇²_f L) J with J = ∂f/∂θ the Jacobian of the model's outputs f and ∇²_f L the Hessian of the
         batch's mean loss in those outputs: the Hessian without the term that the loss's first derivative
@@ -458,7 +458,7 @@ class TwiceDifferentiable:
         to reverse mode as in `batch_hvp`. f is the output's logits (see `output_transform`), and ∇²_f L the
         Hessian of (1/B) Σᵢ ℓ(fᵢ), each example's loss on its own.
         """
-        return self.in_gradient_space(self._parameter_ggn_vp, inputs, targets, vectors)
+        return self._in_gradient_space(self._parameter_ggn_vp, inputs, targets, vectors)
 
     def _parameter_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
         """G V in θ's coordinates, [m, p] → [m, p] (see `batch_ggn_vp`)."""
