@@ -26,7 +26,10 @@ from lightning_influence.model.twice_differentiable import TwiceDifferentiable, 
 
 
 def parameter_blocks(model: TwiceDifferentiable) -> list[tuple[str, slice]]:
-    """The selected parameters grouped by the module that owns them, as (module name, slice of θ), in order."""
+    """The selected parameters grouped by the module that owns them, as (module name, slice of θ), in order; with
+    a projection, the projected coordinates grouped the same way."""
+    if model.projection is not None:
+        return model.projection.blocks()
     blocks: list[tuple[str, slice]] = []
     offset = 0
     for name, numel in zip(model.param_names, model.param_numels):
@@ -72,7 +75,7 @@ class CurvatureOperator:
         self.progress = progress
         self.curvature = curvature
         self.block_diagonal = block_diagonal
-        self.blocks = parameter_blocks(model) if block_diagonal else [("", slice(0, model.num_params))]
+        self.blocks = parameter_blocks(model) if block_diagonal else [("", slice(0, model.gradient_dim))]
         self._num_examples: int | None = None
         self._passes = 0
 
@@ -93,7 +96,14 @@ class CurvatureOperator:
 
     @property
     def num_params(self) -> int:
+        """p, the number of selected parameters."""
         return self.model.num_params
+
+    @property
+    def gradient_dim(self) -> int:
+        """The length of the vectors the curvature acts on: p, or the projection's k (see
+        `TwiceDifferentiable.gradient_dim`)."""
+        return self.model.gradient_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -206,7 +216,7 @@ class CurvatureOperator:
         return torch.cat([products[position, :, block] for position, (_, block) in enumerate(self.blocks)], dim=1)
 
     def matmat(self, vectors: Tensor) -> Tensor:
-        """H V for a block of k vectors, [k, p] → [k, p]: one pass over the training data."""
+        """H V for a block of m vectors, [m, d] → [m, d] (d = `gradient_dim`): one pass over the training data."""
         total = torch.zeros_like(vectors)
         count = 0
         for index, inputs, targets in self.batches("Hessian products", vectors=len(vectors) * len(self.blocks)):
@@ -217,7 +227,7 @@ class CurvatureOperator:
         return self.reduce_mean(total, count, "Hessian-vector products")
 
     def matvec(self, vector: Tensor) -> Tensor:
-        """H v for one vector of length p."""
+        """H v for one vector of length `gradient_dim`."""
         return self.matmat(vector.unsqueeze(0)).squeeze(0)
 
     def batch_matmat(self, inputs: Any, targets: Tensor | None, vectors: Tensor) -> Tensor:
@@ -237,9 +247,9 @@ class CurvatureOperator:
         return self.sum_over_processes(size * product) / count.clamp_min(1).item()
 
     def dense(self) -> Tensor:
-        """The explicit curvature H, [p, p], summed batch by batch (zero off the diagonal blocks in
-        block-diagonal mode); for small p only."""
-        p = self.num_params
+        """The explicit curvature H, [d, d] (d = `gradient_dim`), summed batch by batch (zero off the diagonal
+        blocks in block-diagonal mode); for small d only."""
+        p = self.gradient_dim
         explicit = self.model.batch_ggn if self.curvature == "ggn" else self.model.batch_hessian
         total = torch.zeros(p, p, dtype=self.dtype, device=self.device)
         count = 0
@@ -257,8 +267,8 @@ class CurvatureOperator:
         return self.reduce_mean(total, count, "explicit Hessian")
 
     def diagonal(self, num_probes: int = 32, seed: int = 0) -> Tensor:
-        """diag(H): exact (identity probes) when p ≤ num_probes, else Hutchinson's E[v ⊙ Hv] with ±1 probes."""
-        p = self.num_params
+        """diag(H): exact (identity probes) when d ≤ num_probes, else Hutchinson's E[v ⊙ Hv] with ±1 probes."""
+        p = self.gradient_dim
         if p <= num_probes:
             probes = torch.eye(p, dtype=self.dtype, device=self.device)
             return torch.diagonal(self.matmat(probes)).clone()
@@ -269,7 +279,7 @@ class CurvatureOperator:
     def largest_eigenvalue(self, iterations: int = 20, seed: int = 0) -> float:
         """An estimate of the largest-magnitude eigenvalue of H by power iteration (one pass per step)."""
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        vector = torch.randn(self.num_params, generator=generator, dtype=torch.float64).to(self.device, self.dtype)
+        vector = torch.randn(self.gradient_dim, generator=generator, dtype=torch.float64).to(self.device, self.dtype)
         vector /= vector.norm()
         estimate = 0.0
         for _ in range(iterations):

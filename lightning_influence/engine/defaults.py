@@ -97,10 +97,10 @@ def choose_method(model: TwiceDifferentiable, arguments: InfluenceArguments
     """The inversion method and its options for `arguments` (resolving "auto"), and why."""
     if arguments.method != "auto":
         return InversionMethod.parse(arguments.method), dict(arguments.method_kwargs), "given"
-    p = model.num_params
+    p = model.gradient_dim
     budget = arguments.max_memory or model.max_memory or DIRECT_MEMORY
     needed = DIRECT_BYTES_PER_ENTRY * p * p
-    sizes = f"p = {p:,}: direct's matrices take {needed / 2**20:,.1f} MiB of a {budget / 2**20:,.1f} MiB budget"
+    sizes = f"{'p' if model.projection is None else 'projected k'} = {p:,}: direct's matrices take {needed / 2**20:,.1f} MiB of a {budget / 2**20:,.1f} MiB budget"
     if needed <= budget:
         return InversionMethod.direct, {}, f"auto: {sizes}"
     if LayerStructure.supports(model):
@@ -122,10 +122,10 @@ SELF_INFLUENCE_ROWS = 512
 
 def self_influence_rows(model: TwiceDifferentiable, solver: Solver, max_memory: int | None) -> int | None:
     """Training examples per self-influence solve: None (batch by batch) for a solver that solves without passes
-    over the data; for one that makes passes, SELF_INFLUENCE_ROWS, or fewer where SOLVE_COPIES rows of p values
+    over the data; for one that makes passes, SELF_INFLUENCE_ROWS, or fewer where SOLVE_COPIES rows of `gradient_dim` values
     each would not fit in the budget (`max_memory`, else the model's, else SELF_INFLUENCE_MEMORY). A pass costs
     less per vector for more vectors, and block CG's iterations fall as the block grows."""
     if not solver.collective_solve:
         return None
     budget = max_memory or model.max_memory or SELF_INFLUENCE_MEMORY
-    return max(1, min(SELF_INFLUENCE_ROWS, budget // (SOLVE_COPIES * model.num_params * model.dtype.itemsize)))
+    return max(1, min(SELF_INFLUENCE_ROWS, budget // (SOLVE_COPIES * model.gradient_dim * model.dtype.itemsize)))

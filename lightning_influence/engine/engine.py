@@ -95,7 +95,7 @@ class InfluenceEngine:
             mine = [query_indices[i] for i in positions]
             rhs = self.gradients(query_data.loader(mine, self.arguments.batch_size), name="query_data")
         else:
-            rhs = torch.zeros(0, self.model.num_params, dtype=self.model.dtype, device=self.model.device)
+            rhs = torch.zeros(0, self.model.gradient_dim, dtype=self.model.dtype, device=self.model.device)
         if not self.distribution.is_distributed:
             return rhs
         return self.distribution.gather_rows_by_index(rhs, torch.tensor(positions, dtype=torch.long))[0]
@@ -187,7 +187,7 @@ class InfluenceEngine:
     def _self_influences_in_rounds(self, data: Iterable[Any], rows: int | None) -> Tensor:
         """Self-influence with a collective solver: processes go block round by block round, solving the union
         of their blocks together, until every one has run out; a process without a block joins with none."""
-        empty = torch.zeros(0, self.model.num_params, dtype=self.model.dtype, device=self.model.device)
+        empty = torch.zeros(0, self.model.gradient_dim, dtype=self.model.dtype, device=self.model.device)
         values = [empty.new_zeros(0)]
         with self.model.evaluating():
             blocks = iter(()) if loader_length(data) == 0 else regrouped(gradient_blocks(

@@ -130,10 +130,10 @@ def _factor_tensor(model: TwiceDifferentiable, influence_factors: InverseHvpResu
             "TwiceDifferentiable(module, loss_fn)."
         )
     factors = influence_factors.x if isinstance(influence_factors, InverseHvpResult) else influence_factors
-    if not isinstance(factors, Tensor) or factors.ndim != 2 or factors.shape[1] != model.num_params:
+    if not isinstance(factors, Tensor) or factors.ndim != 2 or factors.shape[1] != model.gradient_dim:
         shape = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
         raise ValueError(
-            f"influence_factors must have shape [M, {model.num_params}] (from compute_influence_factors with "
+            f"influence_factors must have shape [M, {model.gradient_dim}] (from compute_influence_factors with "
             f"the same model and params), got {shape}."
         )
     return factors.to(device=model.device, dtype=model.dtype)

@@ -46,6 +46,7 @@ from lightning_influence.lightning.validation import (
 from lightning_influence.lightning.trainer_data import trainer_loader
 from lightning_influence.model.data import BatchTransform, IndexedData, IndexFn
 from lightning_influence.model.outputs import OutputTransform
+from lightning_influence.model.projection import check_projection_options
 from lightning_influence.model.twice_differentiable import LossFn, TwiceDifferentiable
 from lightning_influence.reports import write_reports
 from lightning_influence.storage.result import InfluenceResult
@@ -160,6 +161,11 @@ class InfluenceCallback(pl.Callback):
             scores new queries without a pass over the training data.
         store_dtype: the element type of the stored gradients: ``float32`` (default), ``float16`` or ``bfloat16``
             (half the size; about 3 and 2 significant digits), or ``float64``.
+        projection_dim: compress every layer's gradient to about this many numbers with seeded Kronecker-structured
+            random projections; curvature, every method and the scores then work in the projected space (see
+            `TwiceDifferentiable`). None (default): no projection. Saved in the metadata with every layer's sizes.
+        projection_seed: the seed of those projections.
+        projection: their entries, ``"gaussian"`` (default) or ``"sparse"``.
 
     Every index (in the result, the tables and the CSVs) is a position in the dataset the callback reads: with a
     ``Subset`` a position in the subset, with a ``ConcatDataset`` one in the concatenation; a ``batch_transform``
@@ -209,6 +215,9 @@ class InfluenceCallback(pl.Callback):
         query_rank: int | None = None,
         store_gradients: bool = False,
         store_dtype: StoreDtype = "float32",
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        projection: Literal["gaussian", "sparse"] = "gaussian",
     ) -> None:
         super().__init__()
         self.arguments = InfluenceArguments(
@@ -219,6 +228,9 @@ class InfluenceCallback(pl.Callback):
             curvature_samples=curvature_samples, curvature_seed=curvature_seed, query_rank=query_rank,
             store_gradients=store_gradients, store_dtype=store_dtype,
         )
+        check_projection_options(projection_dim, projection_seed, projection)
+        self.projection_options = {"projection_dim": projection_dim, "projection_seed": projection_seed,
+                                   "projection": projection}
         self.index_fn = _resolve_callable(index_fn, "index_fn")
         self.loss_fn = _resolve_callable(loss_fn, "loss_fn")
         self.output_transform = OutputTransform(output_transform)
@@ -304,7 +316,8 @@ class InfluenceCallback(pl.Callback):
         """The model, the training and query data, and the query indices of a run; `top_k` is checked against N.
         With `announce`, a `num_queries` beyond the query data is warned about (it is clamped to all of them)."""
         model = TwiceDifferentiable(pl_module, self._loss(pl_module), params=self.params,
-                                    max_memory=self.arguments.max_memory, output_transform=self.output_transform)
+                                    max_memory=self.arguments.max_memory, output_transform=self.output_transform,
+                                    **self.projection_options)
         training = self.training_data
         if training is None:
             training = self._indexed(trainer_loader(trainer, "train"), "training_data (the trainer's training data)",

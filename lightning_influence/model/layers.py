@@ -40,7 +40,8 @@ from lightning_influence.model.attention import explicit_attention
 from lightning_influence.model.data import batch_size
 from lightning_influence.model.outputs import get_at
 
-if TYPE_CHECKING:  # the model imports this module for its per-layer path
+if TYPE_CHECKING:  # the model and the projection import this module
+    from lightning_influence.model.projection import Projection
     from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 
 COVERED = ("nn.Linear, nn.Conv2d (groups=1, zero padding), nn.Embedding (no max_norm or scale_grad_by_freq) and "
@@ -168,11 +169,15 @@ def token_sums(delta: Tensor, tokens: Tensor, count: int, out: Tensor | None = N
 class LayerStructure:
     """Maps flat vectors θ ∈ ℝᵖ to per-layer matrices [out, in'] and captures (a, δ) for each layer.
 
+    With the model's `projection` (``projected=True``, the default) everything is in the projected layout
+    instead: flat vectors of length k, matrices [k_o, k_i], activations P_in a and deltas P_out δ (see
+    `lightning_influence.model.projection`); `shapes` and `one_hot` say what each layer's matrices look like.
     Raises ValueError naming the selected parameters outside the covered layers, the `params=` that selects
     only the covered ones, and `fallback`: what else the caller can do.
     """
 
-    def __init__(self, model: TwiceDifferentiable, *, fallback: str = "use another inversion method") -> None:
+    def __init__(self, model: TwiceDifferentiable, projected: bool = True, *,
+                 fallback: str = "use another inversion method") -> None:
         blocks, unsupported = layer_blocks(model)
         if unsupported:
             missing = {entry.partition(" ")[0] for entry in unsupported}
@@ -184,6 +189,7 @@ class LayerStructure:
             )
         self.model = model
         self.blocks = blocks
+        self.projection: Projection | None = model.projection if projected else None
         offsets, offset = {}, 0
         for name, numel in zip(model.param_names, model.param_numels):
             offsets[name] = offset
@@ -193,6 +199,25 @@ class LayerStructure:
     @staticmethod
     def supports(model: TwiceDifferentiable) -> bool:
         return not layer_blocks(model)[1]
+
+    # -- the layout ---------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """The length of a flat vector: p, or the projection's k."""
+        return self.model.num_params if self.projection is None else self.projection.dim
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(rows, columns) of every layer's matrices: (out, in'), or (k_o, k_i) when projected."""
+        if self.projection is not None:
+            return self.projection.shapes
+        return [(block.out_features, block.columns) for block in self.blocks]
+
+    def one_hot(self, layer: int) -> bool:
+        """Whether layer `layer`'s activations are token indices [B, T] (an embedding whose inputs are not
+        projected) rather than rows [B, T, columns]."""
+        block = self.blocks[layer]
+        return block.one_hot and (self.projection is None or self.projection.layers[layer].in_matrix is None)
 
     # -- flat vectors <-> layer matrices --------------------------------------------------------------------
     def _weight_slice(self, block: LayerBlock) -> slice:
@@ -205,7 +230,10 @@ class LayerStructure:
         return slice(start, start + block.out_features)
 
     def to_matrices(self, vectors: Tensor) -> list[Tensor]:
-        """[k, p] → one [k, out, in'] per layer (weight columns first, then the bias column)."""
+        """[k, p] → one [k, out, in'] per layer (weight columns first, then the bias column); projected,
+        [k, dim] → one [k, k_o, k_i] per layer."""
+        if self.projection is not None:
+            return self.projection.to_matrices(vectors)
         k = vectors.shape[0]
         matrices = []
         for block in self.blocks:
@@ -221,6 +249,8 @@ class LayerStructure:
 
     def from_matrices(self, matrices: Sequence[Tensor]) -> Tensor:
         """Inverse of `to_matrices`: per-layer [k, out, in'] → [k, p] in the flat parameter order."""
+        if self.projection is not None:
+            return self.projection.from_matrices(matrices)
         k = matrices[0].shape[0]
         flat = matrices[0].new_empty(k, self.model.num_params)
         for block, matrix in zip(self.blocks, matrices):
@@ -276,7 +306,8 @@ class LayerStructure:
         return outputs, records
 
     def forward(self, inputs: Any) -> tuple[Any, list[Tensor], list[Tensor]]:
-        """Run the module once, recording each layer's input a [B, T, in'] and its output s (kept in the graph).
+        """Run the module once, recording each layer's input a [B, T, in'] (projected: P_in a, [B, T, k_i]) and its
+        output s (kept in the graph).
 
         Returns (outputs, [a per layer], [s per layer]). A layer called more than once per forward (weight
         sharing), or whose input is not batch-first, breaks the outer-product form and raises LayerFormError.
@@ -298,13 +329,16 @@ class LayerStructure:
                     f"The input of layer {block.name!r} has shape {tuple(layer_input.shape)}, not a batch of {count} "
                     "first; the per-layer form needs batch-first layers (e.g. batch_first=True)."
                 )
-            activations.append(self._layer_input(block, layer_input))
+            a = self._layer_input(block, layer_input)
+            if self.projection is not None:
+                a = self.projection.layers[len(activations)].activations(a, tokens=block.one_hot)
+            activations.append(a)
             layer_outputs.append(layer_output)
         return outputs, activations, layer_outputs
 
-    @staticmethod
-    def backward(logits: Tensor, layer_outputs: list[Tensor], cotangent: Tensor, retain: bool) -> list[Tensor]:
-        """δ for every layer as [B, T, out] from one reverse pass with cotangent u ([B, *logits_shape])."""
+    def backward(self, logits: Tensor, layer_outputs: list[Tensor], cotangent: Tensor, retain: bool) -> list[Tensor]:
+        """δ for every layer as [B, T, out] (projected: P_out δ, [B, T, k_o]) from one reverse pass with cotangent
+        u ([B, *logits_shape])."""
         deltas = torch.autograd.grad(logits, layer_outputs, grad_outputs=cotangent, retain_graph=retain)
         shaped = []
         for delta in deltas:
@@ -312,7 +346,9 @@ class LayerStructure:
                 shaped.append(delta.flatten(2).transpose(1, 2))
             else:
                 shaped.append(delta.reshape(delta.shape[0], -1, delta.shape[-1]))
-        return shaped
+        if self.projection is None:
+            return shaped
+        return [layer.deltas(delta) for layer, delta in zip(self.projection.layers, shaped)]
 
     @staticmethod
     def example_output_gradients(logits: Tensor, loss: Callable[[Tensor, Tensor], Tensor], targets: Tensor
@@ -336,9 +372,9 @@ class LayerStructure:
         return vectors * values.clamp_min(0).sqrt().unsqueeze(1)
 
     def capture(self, inputs: Any, targets: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Each layer's inputs a (as `forward` gives them) and the output gradients δ [B, T, out] of every example's
-        own loss ℓ(zᵢ): one forward and one reverse pass. An output without one tensor of logits raises
-        LayerFormError (the vmap path takes any output)."""
+        """Each layer's inputs a (as `forward` gives them) and the output gradients δ (as `backward` gives them)
+        of every example's own loss ℓ(zᵢ): one forward and one reverse pass. An output without one tensor of
+        logits raises LayerFormError (the vmap path takes any output)."""
         outputs, activations, layer_outputs = self.forward(inputs)
         path = self.model.output_transform.path(outputs)
         if path is None:
@@ -348,25 +384,44 @@ class LayerStructure:
         return activations, self.backward(logits, layer_outputs, cotangent, retain=False)
 
     def example_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Per-example gradients [B, p] as outer products δ aᵀ from `capture`, no vmap.
+        """Per-example gradients [B, p] (projected: [B, k]) as outer products δ aᵀ from `capture`, no vmap.
 
-        Each layer's products are written straight into their columns of the [B, p] result (one write of
-        B × p values, no intermediate copy: the write is most of the cost when p is large).
+        Each layer's products are written straight into their columns of the result (one write of B × p values,
+        no intermediate copy: the write is most of the cost when p is large).
         """
         activations, deltas = self.capture(inputs, targets)
-        count = deltas[0].shape[0]
-        gradients = deltas[0].new_empty(count, self.model.num_params)
+        gradients = deltas[0].new_empty(deltas[0].shape[0], self.dim)
+        if self.projection is None:
+            self._write_parameters(gradients, deltas, activations)
+        else:
+            self._write_matrices(gradients, deltas, activations)
+        return gradients
+
+    def _write_parameters(self, gradients: Tensor, deltas: list[Tensor], activations: list[Tensor]) -> None:
+        """Each layer's δ aᵀ into its weight's and bias's columns of θ, [B, p]."""
+        count = gradients.shape[0]
         for block, delta, a in zip(self.blocks, deltas, activations):
             if block.weight and block.one_hot:
                 region = gradients[:, self._weight_slice(block)].view(count, block.in_features, block.out_features)
                 token_sums(delta, a, block.in_features, out=region)
             elif block.weight:
                 region = gradients[:, self._weight_slice(block)].view(count, block.out_features, block.in_features)
-                weight_inputs = a[:, :, : block.in_features]
-                if a.shape[1] == 1:  # one position: a plain outer product
-                    torch.mul(delta[:, 0, :, None], weight_inputs[:, 0, None, :], out=region)
-                else:
-                    region.copy_(torch.einsum("bto,bti->boi", delta, weight_inputs))
+                _outer_products(delta, a[:, :, : block.in_features], region)
             if block.bias:
                 gradients[:, self._bias_slice(block)] = delta.sum(1)
-        return gradients
+
+    def _write_matrices(self, gradients: Tensor, deltas: list[Tensor], activations: list[Tensor]) -> None:
+        """Each layer's Σₜ δₜ aₜᵀ, [B, rows, columns], into its block of the layout's flat vectors (projected)."""
+        for layer, (region, delta, a) in enumerate(zip(self.to_matrices(gradients), deltas, activations)):
+            if self.one_hot(layer):  # token sums are [B, V, rows], the transpose of the layer's matrix
+                region.copy_(token_sums(delta, a, region.shape[2]).transpose(1, 2))
+            else:
+                _outer_products(delta, a, region)
+
+
+def _outer_products(delta: Tensor, a: Tensor, out: Tensor) -> None:
+    """Σₜ δₜ aₜᵀ per example into `out` [B, rows, columns], from δ [B, T, rows] and a [B, T, columns]."""
+    if a.shape[1] == 1:  # one position: a plain outer product
+        torch.mul(delta[:, 0, :, None], a[:, 0, None, :], out=out)
+    else:
+        out.copy_(torch.einsum("bto,bti->boi", delta, a))

@@ -24,12 +24,16 @@ from lightning_influence.model.data import BatchSpan, batch_size, slice_batch
 from lightning_influence.model.layers import LayerStructure
 from lightning_influence.model.loss import loss_identity, summed_over_batch
 from lightning_influence.model.outputs import OutputTransform, OutputTransformLike, Path, get_at, replace_at
+from lightning_influence.model.projection import Projection, check_projection_options
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
 #: The working memory of one vectorised call when the model has no `max_memory`: compute batches are sized to
 #: it, whatever the loader's batch size (see `TwiceDifferentiable.compute_rows`).
 DEFAULT_COMPUTE_MEMORY = 2**30
+#: [rows, p] copies that a block of lifted vectors takes in a projected curvature product (the lifted block, its
+#: product, and the working copies of the vectorised call), for sizing those blocks.
+LIFTED_COPIES = 4
 
 #: (exception type, message fragment) of the errors torch 2.13 raises where forward-mode AD has no formula for an
 #: op, so that the same product by reverse passes alone may still work.
@@ -103,6 +107,14 @@ class TwiceDifferentiable:
             key or attribute name (``"logits"``), an index (``"0"``), a dotted path to a function, or a callable
             returning a tensor the output holds. The loss of f is ``loss_fn`` on the output with f put back, so
             it must depend on the output only through f (see `lightning_influence.model.outputs`).
+        projection_dim: compress every gradient to about this many numbers per layer with seeded
+            Kronecker-structured random projections (see `lightning_influence.model.projection`); per-example
+            gradients, curvature products, every inversion method and the scores then work with vectors of length
+            `gradient_dim` = k instead of p, and the p-dimensional per-example gradient is never formed. Needs every
+            selected parameter in a layer `LayerStructure` covers, used once per forward. A layer with at most
+            that many weights is kept exactly. None: no projection.
+        projection_seed: the seed of the projections (each layer's derived from it and the layer's name).
+        projection: the projections' entries: "gaussian" or "sparse" (±1 and 0, scaled).
     """
 
     def __init__(
@@ -115,6 +127,9 @@ class TwiceDifferentiable:
         max_memory: int | str | None = None,
         layer_gradients: bool = True,
         output_transform: OutputTransformLike = None,
+        projection_dim: int | None = None,
+        projection_seed: int = 0,
+        projection: str = "gaussian",
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -137,32 +152,43 @@ class TwiceDifferentiable:
         self._reverse_over_reverse = False
         self._activation_numel: int | None = None
         self._fixed_rows = _padding_rows(module, self.param_names)
+        self.projection = self._projection(projection_dim, projection_seed, projection, layer_gradients)
         self._layer_structure = LayerStructure(self) if flag("layer_gradients", layer_gradients) and \
             LayerStructure.supports(self) else None
         self.max_memory = parse_memory(max_memory)
         if self.max_memory is not None and self.max_memory < self._example_bytes():
             raise ValueError(
-                f"max_memory={max_memory!r} cannot hold one per-example gradient of {self.num_params:,} parameters "
-                f"({self._example_bytes():,} bytes with its working copy); raise it to at least that."
+                f"max_memory={max_memory!r} cannot hold one per-example gradient of {self.gradient_dim:,} "
+                f"{'parameters' if self.projection is None else 'projected values'} ({self._example_bytes():,} bytes "
+                "with its working copy); raise it to at least that."
             )
+
+    def _projection(self, dim: int | None, seed: int, kind: str, layer_gradients: bool) -> Projection | None:
+        """The projection for `projection_dim` = `dim` (None without), its options checked first."""
+        check_projection_options(dim, seed, kind)
+        if dim is None:
+            return None
+        if not flag("layer_gradients", layer_gradients):
+            raise ValueError("projection_dim projects per-layer gradients, so it needs layer_gradients=True.")
+        return Projection(self, dim, seed, kind)
 
     # -- memory -------------------------------------------------------------------------------------------
     def _example_bytes(self) -> int:
         """Bytes one example's row of per-example gradients takes while it is formed: the row and a copy (the
         per-layer gradient before it is flattened into the row)."""
-        return 2 * self.num_params * self.dtype.itemsize
+        return 2 * self.gradient_dim * self.dtype.itemsize
 
     def example_bytes(self, inputs: Any, targets: Tensor, vectors: int = 0) -> int:
         """Working memory per example of one vectorised call with `vectors` vectors (0: per-example gradients).
 
         A call holds the network's activations for each vector and for the forward and reverse pass, and a
-        per-example gradient row with its copy: itemsize × ((vectors + 2) · A + 2p), with A the activation
+        per-example gradient row with its copy: itemsize × ((vectors + 2) · A + 2d), with A the activation
         values of one example, measured once on the first example of the batch (which also checks that the
         model and loss apply to it, with `batch_loss`'s message when they do not).
         """
         if self._activation_numel is None:
             self._activation_numel = self._count_activations(inputs, targets)
-        return self.dtype.itemsize * ((vectors + 2) * self._activation_numel + 2 * self.num_params)
+        return self.dtype.itemsize * ((vectors + 2) * self._activation_numel + 2 * self.gradient_dim)
 
     def compute_rows(self, inputs: Any, targets: Tensor, vectors: int = 0) -> int:
         """Examples per vectorised call, so that its working memory (`example_bytes`) fits `max_memory`, or
@@ -192,6 +218,12 @@ class TwiceDifferentiable:
     def num_params(self) -> int:
         """p, the number of scalar parameters influence is computed over."""
         return sum(self.param_numels)
+
+    @property
+    def gradient_dim(self) -> int:
+        """The length of the gradients and curvature vectors that influence works with: k with a projection
+        (`projection_dim`), else p."""
+        return self.num_params if self.projection is None else self.projection.dim
 
     def flat_params(self) -> Tensor:
         """The selected parameters, detached, as one vector θ of length p."""
@@ -316,9 +348,15 @@ class TwiceDifferentiable:
         return self._layer_structure is not None
 
     def example_gradients(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, [B, p]: by per-layer outer products where they hold,
-        else by `grad`. A layer found to run twice per forward (weight sharing) switches this model to `grad`
-        for good; any other error propagates."""
+        """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, [B, p] (projected: P ∇θ ℓ, [B, k]): by per-layer outer
+        products where they hold, else by `grad`. A layer found to run twice per forward (weight sharing)
+        switches this model to `grad` for good, except with a projection, which needs the per-layer form; any
+        other error propagates."""
+        if self.projection is not None:
+            try:
+                return self._layer_structure.example_gradients(inputs, targets)  # type: ignore[union-attr]
+            except LayerFormError as error:
+                raise LayerFormError(f"{error} projection_dim needs that form; use projection_dim=None.") from error
         if self._layer_structure is not None:
             try:
                 return self._layer_structure.example_gradients(inputs, targets)
@@ -327,13 +365,15 @@ class TwiceDifferentiable:
         return self.grad(inputs, targets)
 
     def grad(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, shape [B, p], in one vmap (chunked by chunk_size)."""
+        """Per-example gradients ∇θ ℓ(zᵢ, θ) of a batch, shape [B, p], in one vmap (chunked by chunk_size); in θ's
+        coordinates whatever the projection."""
         per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)
         return per_example(self.flat_params(), inputs, targets)
 
     def batch_grad(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Gradient of the batch's mean loss, shape [p]."""
-        return grad(self._batch_loss)(self.flat_params(), inputs, targets)
+        """Gradient of the batch's mean loss, shape [p] (projected: [k])."""
+        gradient = grad(self._batch_loss)(self.flat_params(), inputs, targets)
+        return gradient if self.projection is None else self.projection.project(gradient.unsqueeze(0))[0]
 
     # -- second derivatives -------------------------------------------------------------------------------
     @property
@@ -342,12 +382,17 @@ class TwiceDifferentiable:
         return self._reverse_over_reverse
 
     def batch_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
-        """Products of the batch's mean-loss Hessian with k vectors, [k, p] → [k, p].
+        """Products of the batch's mean-loss Hessian with m vectors, [m, p] → [m, p]; projected, of P H Pᵀ,
+        [m, k] → [m, k] (`_in_gradient_space`).
 
         Forward-over-reverse (a jvp of the gradient). Where forward mode fails on an op of the model or loss
         (torch 2.13's `F.mse_loss` backward, for one), this model switches to reverse-over-reverse (a vjp of the
         gradient, equal by symmetry of H) for good.
         """
+        return self._in_gradient_space(self._parameter_hvp, inputs, targets, vectors)
+
+    def _parameter_hvp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
+        """H V in θ's coordinates, [m, p] → [m, p] (see `batch_hvp`)."""
         flat = self.flat_params()
         gradient = lambda theta: grad(self._batch_loss)(theta, inputs, targets)  # noqa: E731
 
@@ -358,6 +403,19 @@ class TwiceDifferentiable:
             return vjp(gradient, flat)[1](vector)[0]
 
         return self._map_vectors(forward_over_reverse, reverse_over_reverse, vectors)
+
+    def _in_gradient_space(self, product: Callable[[Any, Tensor, Tensor], Tensor], inputs: Any, targets: Tensor,
+                           vectors: Tensor) -> Tensor:
+        """`product(inputs, targets, V)` of a matrix C in θ's coordinates, taken in the gradient space: C V
+        without a projection; with one, P C Pᵀ V for V [m, k], lifting the vectors to θ in row blocks whose
+        [rows, p] copies fit the compute memory (so that a dense P C Pᵀ never holds k × p values at once)."""
+        if self.projection is None:
+            return product(inputs, targets, vectors)
+        budget = self.max_memory if self.max_memory is not None else DEFAULT_COMPUTE_MEMORY
+        rows = max(1, budget // (LIFTED_COPIES * self.num_params * self.dtype.itemsize))
+        projection = self.projection
+        return torch.cat([projection.project(product(inputs, targets, projection.lift(block)))
+                          for block in vectors.split(rows)]) if len(vectors) else vectors.clone()
 
     def _second_order(self, forward_mode: Callable[[], Tensor], reverse_mode: Callable[[], Tensor]) -> Tensor:
         """`forward_mode()`; where forward mode lacks a formula for an op (`forward_mode_unsupported`), this model
@@ -382,13 +440,15 @@ class TwiceDifferentiable:
         )
 
     def batch_hessian(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The explicit Hessian of the batch's mean loss, [p, p]; for small p only. The products with every unit
-        vector (`batch_hvp`): torch.func.hessian (jacfwd of jacrev) is wrong for nn.LayerNorm in torch 2.13."""
-        identity = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        """The explicit Hessian of the batch's mean loss, [p, p] (projected: P H Pᵀ, [k, k]); for small p or k
+        only. The products with every unit vector (`batch_hvp`): torch.func.hessian (jacfwd of jacrev) is wrong
+        for nn.LayerNorm in torch 2.13."""
+        identity = torch.eye(self.gradient_dim, dtype=self.dtype, device=self.device)
         return self.batch_hvp(inputs, targets, identity)
 
     def batch_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
-        """Products of the batch's generalised Gauss–Newton matrix with k vectors, [k, p] → [k, p].
+        """Products of the batch's generalised Gauss–Newton matrix with m vectors, [m, p] → [m, p]; projected, of
+        P G Pᵀ, [m, k] → [m, k] (`_in_gradient_space`).
 
         G = Jᵀ (∇²_f L) J with J = ∂f/∂θ the Jacobian of the model's outputs f and ∇²_f L the Hessian of the
         batch's mean loss in those outputs: the Hessian without the term that the loss's first derivative
@@ -398,6 +458,10 @@ class TwiceDifferentiable:
         to reverse mode as in `batch_hvp`. f is the output's logits (see `output_transform`), and ∇²_f L the
         Hessian of (1/B) Σᵢ ℓ(fᵢ), each example's loss on its own.
         """
+        return self._in_gradient_space(self._parameter_ggn_vp, inputs, targets, vectors)
+
+    def _parameter_ggn_vp(self, inputs: Any, targets: Tensor, vectors: Tensor) -> Tensor:
+        """G V in θ's coordinates, [m, p] → [m, p] (see `batch_ggn_vp`)."""
         flat = self.flat_params()
         primal: list[tuple[Any, Path]] = []  # the first call's output and where f is in it, for the loss of f
 
@@ -425,8 +489,9 @@ class TwiceDifferentiable:
         return self._map_vectors(forward_mode, reverse_mode, vectors)
 
     def batch_ggn(self, inputs: Any, targets: Tensor) -> Tensor:
-        """The explicit Gauss–Newton matrix of the batch's mean loss, [p, p]; for small p only."""
-        identity = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        """The explicit Gauss–Newton matrix of the batch's mean loss, [p, p] (projected: P G Pᵀ, [k, k]); for
+        small p or k only."""
+        identity = torch.eye(self.gradient_dim, dtype=self.dtype, device=self.device)
         return self.batch_ggn_vp(inputs, targets, identity)
 
     def check_second_order(self, inputs: Any, targets: Tensor) -> None:
@@ -440,7 +505,7 @@ class TwiceDifferentiable:
         self.batch_loss(inputs, targets)
         self.check_mean_loss(inputs, targets)
         generator = torch.Generator(device="cpu").manual_seed(0)
-        probe = torch.randn(1, self.num_params, generator=generator, dtype=self.dtype).to(self.device)
+        probe = torch.randn(1, self.gradient_dim, generator=generator, dtype=self.dtype).to(self.device)
         try:
             curvature = self.batch_hvp(inputs, targets, probe)
         except RuntimeError as error:
@@ -462,10 +527,13 @@ class TwiceDifferentiable:
         """∇ₓ ⟨v, ∇θ ℓ(x, y, θ)⟩ for each of k vectors v and each example, shape [k, B, *x_shape].
 
         The inner product is the directional derivative of ℓ along v (a forward-mode jvp in θ); its gradient
-        in the input is then one reverse pass. This is the perturbation influence of Koh & Liang.
+        in the input is then one reverse pass. This is the perturbation influence of Koh & Liang. Projected, the
+        vectors (of length k) are lifted to θ first: ⟨v, P ∇θ ℓ⟩ = ⟨Pᵀv, ∇θ ℓ⟩.
         """
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
             raise TypeError("Perturbation influence needs floating-point tensor inputs to differentiate.")
+        if self.projection is not None:
+            vectors = self.projection.lift(vectors)
         flat = self.flat_params()
 
         def directional(x: Tensor, y: Tensor, v: Tensor) -> Tensor:

@@ -104,6 +104,10 @@ def summary_markdown(result: InfluenceResult, store: ExampleStore, self_rows: Se
         ("training examples N, queries M", f"{result.num_train}, {result.num_queries}"),
         ("parameters p", f"{meta.get('num_params', '?')}" + (f" ({', '.join(names)})" if names else "")),
     ]
+    projection = meta.get("projection")
+    if projection:
+        facts.append(("gradient projection", f"{projection['kind']}, projection_dim={projection['dim_per_layer']}, "
+                                             f"seed {projection['seed']}: k = {projection['dim']} projected values"))
     facts += [(name.removeprefix(f"{TAG}/").replace("_", " "), f"{value:.4g}")
               for name, value in scalars(result).items() if not name.endswith(("num_train", "num_queries"))]
     facts += _suspect_counts(store, self_rows)

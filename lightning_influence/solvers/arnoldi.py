@@ -62,7 +62,7 @@ class ArnoldiSolver(ApproximateSolver, method="arnoldi"):
         self._eigenvectors: Tensor | None = None
 
     def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
-        p = operator.num_params
+        p = operator.gradient_dim
         rank = min(self.rank, p)
         dimension = min(p, self.krylov_dimension or 2 * rank + 10)
         basis, projected = lanczos_basis(operator, dimension, self.block_size, self.seed)

@@ -244,9 +244,9 @@ class Solver(ABC):
     def _block(self, rhs: Tensor) -> Tensor:
         """`rhs` [M, p] on the operator's device and dtype; a ValueError for any other shape."""
         operator = self.operator
-        if rhs.ndim != 2 or rhs.shape[1] != operator.num_params:
+        if rhs.ndim != 2 or rhs.shape[1] != operator.gradient_dim:
             raise ValueError(
-                f"Right-hand sides must have shape [M, {operator.num_params}] (one row per query), "
+                f"Right-hand sides must have shape [M, {operator.gradient_dim}] (one row per query), "
                 f"got {tuple(rhs.shape)}."
             )
         return rhs.to(device=operator.device, dtype=operator.dtype)
@@ -337,7 +337,7 @@ def lanczos_basis(operator: CurvatureOperator, dimension: int, block_size: int, 
     min(`block_size`, k) vectors per pass over the data."""
     dtype = work_dtype(operator.device)
     return block_lanczos(
-        lambda block: operator.matmat(block.to(operator.dtype)).to(dtype), operator.num_params, dimension,
+        lambda block: operator.matmat(block.to(operator.dtype)).to(dtype), operator.gradient_dim, dimension,
         min(block_size, dimension), torch.Generator(device="cpu").manual_seed(seed), dtype=dtype,
         device=operator.device,
     )
@@ -348,7 +348,7 @@ def extreme_eigenvalues(operator: CurvatureOperator, steps: int = 6, block_size:
     """(smallest, largest) Ritz values of H from `steps` block Lanczos steps of `block_size` vectors each (one pass
     per step). The largest is accurate to a few digits for a spectrum with a few dominant eigenvalues; the
     smallest bounds H's smallest eigenvalue from above and finds negative eigenvalues that stand out of the bulk."""
-    _, projected = lanczos_basis(operator, min(operator.num_params, steps * block_size), block_size, seed)
+    _, projected = lanczos_basis(operator, min(operator.gradient_dim, steps * block_size), block_size, seed)
     values = torch.linalg.eigvalsh(projected)
     return float(values[0]), float(values[-1])
 

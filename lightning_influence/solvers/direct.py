@@ -52,7 +52,7 @@ class DirectSolver(Solver, method="direct"):
                 spectra.append(decomposition.eigenvalues - self.regularization)
         eigenvalues = torch.cat(spectra)
         report = spectrum_report(self, eigenvalues, operator.dtype, complete=True)
-        report["spectrum"] = "exact" if len(eigenvalues) == operator.num_params else "ends estimated by Lanczos"
+        report["spectrum"] = "exact" if len(eigenvalues) == operator.gradient_dim else "ends estimated by Lanczos"
         if all(isinstance(factor, Tensor) for factor in self._factors):
             return {"factorization": "cholesky", **report}
         warn_user(

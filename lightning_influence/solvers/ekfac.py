@@ -19,6 +19,10 @@ per batch). `samples=k` instead back-propagates k random combinations Rᵢ ξ (�
 estimate with k passes. All sums over examples are reduced across processes; E[·] divides by the global N.
 The network outputs are the logits f that the model's ``output_transform`` picks.
 
+With the model's `projection_dim`, everything above runs on the projected a and δ (`LayerStructure` in the
+projected layout): the factors become P_in A P_inᵀ and P_out S P_outᵀ, the Kronecker factors of the projected
+curvature, and an embedding's projected inputs are dense rows, no longer one-hot.
+
 A selected parameter outside these layers (nn.LayerNorm, say) is refused with its name and the ``params=`` that
 leaves it out, rather than silently left out of the influence.
 """
@@ -108,9 +112,10 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
         (Q_A None for an embedding's diagonal A), and the global number of examples N."""
         dtype, device = self._dtype, operator.device
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        a_sums = [None if b.one_hot else torch.zeros(b.columns, b.columns, dtype=dtype, device=device)
-                  for b in structure.blocks]
-        s_sums = [torch.zeros(b.out_features, b.out_features, dtype=dtype, device=device) for b in structure.blocks]
+        shapes = structure.shapes
+        a_sums = [None if structure.one_hot(layer) else torch.zeros(columns, columns, dtype=dtype, device=device)
+                  for layer, (_, columns) in enumerate(shapes)]
+        s_sums = [torch.zeros(rows, rows, dtype=dtype, device=device) for rows, _ in shapes]
         count = 0
         for index, inputs, targets in operator.batches("EK-FAC factors"):
             count += batch_size(inputs)
@@ -143,8 +148,8 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
         """Pass 2: the eigenvalue correction Λ = E[(Q_Sᵀ G Q_A)²] per layer in the `bases` (Q_S, Q_A) of pass 1,
         with G = Σₜ δₜ aₜᵀ per example and cotangent."""
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        sums = [torch.zeros(b.out_features, b.columns, dtype=self._dtype, device=operator.device)
-                for b in structure.blocks]
+        sums = [torch.zeros(rows, columns, dtype=self._dtype, device=operator.device)
+                for rows, columns in structure.shapes]
         for index, inputs, targets in operator.batches("EK-FAC eigenvalue correction"):
             rotated_a: list[Tensor] | None = None
             for activations, deltas in self._pseudo_gradients(structure, inputs, targets, generator):
@@ -153,9 +158,8 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
                                  for a, (_, q_a) in zip(activations, bases)]
                 for layer, (a_rot, delta) in enumerate(zip(rotated_a, deltas)):
                     d_rot = delta.to(self._dtype) @ bases[layer][0]  # [B, T, out]
-                    block = structure.blocks[layer]
-                    if block.one_hot:  # ã = a: the token indices
-                        contribution = (token_sums(d_rot, a_rot, block.in_features) ** 2).sum(0).T
+                    if structure.one_hot(layer):  # ã = a: the token indices
+                        contribution = (token_sums(d_rot, a_rot, sums[layer].shape[1]) ** 2).sum(0).T
                     elif a_rot.shape[1] == 1:  # (δ̃ ã ᵀ)² summed over examples = (δ̃²)ᵀ (ã²)
                         contribution = (d_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
                     else:
@@ -179,9 +183,10 @@ class EkfacSolver(ApproximateSolver, method="ekfac"):
 
     @fit_required
     def curvature_matrix(self) -> Tensor:
-        """The approximate curvature C (block-diagonal over layers) as a dense [p, p] matrix; for tests."""
+        """The approximate curvature C (block-diagonal over layers) as a dense [d, d] matrix (d = p, or the
+        projection's k); for tests."""
         structure = cast(LayerStructure, self.structure)  # set by `_fit`
-        identity = torch.eye(self.operator.num_params, dtype=self._dtype, device=self.operator.device)
+        identity = torch.eye(self.operator.gradient_dim, dtype=self._dtype, device=self.operator.device)
         columns = []
         for matrix, (q_s, q_a), eigenvalues in zip(structure.to_matrices(identity), self._basis, self._eigenvalues):
             columns.append(_rotate_back(_rotate(matrix, q_s, q_a) * eigenvalues, q_s, q_a))

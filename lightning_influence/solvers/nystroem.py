@@ -31,7 +31,7 @@ INDEFINITE_FRACTION = 1e-2
 
 def complement_curvature(operator: CurvatureOperator, eigenvalues: Tensor, num_probes: int, seed: int) -> float:
     """(trace(H) − Σ kept eigenvalues) / (p − r), clipped at 0: the mean curvature outside a kept subspace."""
-    p, rank = operator.num_params, eigenvalues.numel()
+    p, rank = operator.gradient_dim, eigenvalues.numel()
     if rank >= p:
         return 0.0
     trace = float(operator.diagonal(num_probes, seed=seed).double().sum())
@@ -69,7 +69,7 @@ class NystroemSolver(ApproximateSolver, method="nystroem"):
 
     def _fit(self, operator: CurvatureOperator) -> dict[str, Any]:
         dtype = work_dtype(operator.device)
-        p = operator.num_params
+        p = operator.gradient_dim
         rank = min(self.rank, p)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         omegas = [torch.linalg.qr(torch.randn(p, rank, generator=generator, dtype=dtype).to(operator.device)).Q]

@@ -28,7 +28,9 @@ from lightning_influence.storage.files import (
     to_jsonable,
 )
 
-__all__ = ["ChunkFolder", "check_model", "check_same_run", "index_digest", "parameter_digest"]
+__all__ = [
+    "ChunkFolder", "check_model", "check_same_run", "index_digest", "parameter_digest", "projection_metadata",
+]
 
 
 def parameter_digest(model: TwiceDifferentiable) -> str:
@@ -70,9 +72,22 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], where:
         )
 
 
+def projection_metadata(model: TwiceDifferentiable) -> dict[str, Any] | None:
+    """What reproduces the model's gradient projection (`Projection.describe`), None without one."""
+    return None if model.projection is None else to_jsonable(model.projection.describe())
+
+
+def _projection_label(projection: dict[str, Any] | None) -> str:
+    """A projection's metadata in a few words, for messages."""
+    if projection is None:
+        return "none"
+    return f"{projection['kind']}, projection_dim={projection['dim_per_layer']}, seed={projection['seed']}"
+
+
 def check_model(saved: dict[str, Any], model: TwiceDifferentiable, what: str) -> None:
-    """Refuse a model whose parameter selection, weights or loss differ from those `saved` (a metadata dict with
-    ``parameter_names``, ``fingerprint.parameters`` and ``loss``) records; `what` names what was saved."""
+    """Refuse a model whose parameter selection, weights, loss or gradient projection differ from those `saved`
+    (a metadata dict with ``parameter_names``, ``fingerprint.parameters``, ``loss`` and ``projection``) records;
+    `what` names what was saved."""
     names = saved.get("parameter_names")
     if names is not None and list(names) != model.param_names:
         raise ValueError(
@@ -90,6 +105,14 @@ def check_model(saved: dict[str, Any], model: TwiceDifferentiable, what: str) ->
         raise ValueError(
             f"The model's loss {model.loss_name!r} differs from the loss {what} was computed with ({loss!r}); "
             f"{what} only scores data for the same loss. Wrap the module with that loss_fn."
+        )
+    saved_projection, projection = saved.get("projection"), projection_metadata(model)
+    if saved_projection != projection:
+        raise ValueError(
+            f"The model's gradient projection ({_projection_label(projection)}) differs from the one {what} was "
+            f"computed with ({_projection_label(saved_projection)}); {what} only scores gradients projected the "
+            "same way. Wrap the module with the saved projection_dim, projection_seed and projection "
+            "(metadata['projection'])."
         )
 
 

@@ -34,7 +34,9 @@ from lightning_influence.engine.distribution import Distribution
 from lightning_influence.engine.scoring import gradient_blocks
 from lightning_influence.model.data import IndexedData, progress_bar
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
-from lightning_influence.storage.chunks import ChunkFolder, check_model, check_same_run, index_digest, parameter_digest
+from lightning_influence.storage.chunks import (
+    ChunkFolder, check_model, check_same_run, index_digest, parameter_digest, projection_metadata,
+)
 from lightning_influence.storage.files import atomic_write_json, load_array, read_json, to_jsonable
 
 __all__ = ["GradientStore", "gradient_space"]
@@ -48,9 +50,9 @@ SCORE_BLOCK_BYTES = 64 * 2**20
 
 
 def gradient_space(model: TwiceDifferentiable) -> dict[str, Any]:
-    """What the per-example gradients of `model` are vectors of: their length d, and (once the model compresses
-    its gradients) the projection's settings; a store or result of another gradient space is refused."""
-    return {"gradient_dim": model.num_params}
+    """What the per-example gradients of `model` are vectors of: their length d and the projection that
+    compressed them (None: the full gradients); a store or result of another gradient space is refused."""
+    return {"gradient_dim": model.gradient_dim, "projection": projection_metadata(model)}
 
 
 def _identity(model: TwiceDifferentiable, indices: Sequence[int], dtype: str, chunk_size: int,
@@ -180,7 +182,8 @@ class GradientStore:
         gradients in another space (length, projection)."""
         saved = self.identity
         check_model({"parameter_names": saved["parameter_names"], "loss": saved["loss"],
-                     "fingerprint": {"parameters": saved["parameters"]}}, model, "the gradient store")
+                     "fingerprint": {"parameters": saved["parameters"]}, "projection": saved.get("projection")},
+                    model, "the gradient store")
         space = gradient_space(model)
         stored = {key: saved.get(key) for key in space}
         if stored != to_jsonable(space):

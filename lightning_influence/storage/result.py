@@ -168,8 +168,9 @@ class InfluenceResult:
         """Influence [M, N_new] of new training batches on the saved queries, reusing the saved factors (cut to the
         saved ``query_rank`` where the run had one, as its scores were).
 
-        `model` must be the model the result was computed with (same weights, parameter selection and loss); this
-        is checked against the saved metadata, since factors of other weights or another loss give wrong numbers.
+        `model` must be the model the result was computed with (same weights, parameter selection, loss and
+        projection); this is checked against the saved metadata, since factors of other weights, another loss or
+        another projection give wrong numbers.
         """
         if not isinstance(model, TwiceDifferentiable):
             raise TypeError(
@@ -268,7 +269,7 @@ class InfluenceResult:
         return solver
 
     def _check_model(self, model: TwiceDifferentiable) -> None:
-        """Refuse a model whose parameter selection, weights or loss differ from the saved ones."""
+        """Refuse a model whose parameter selection, weights, loss or projection differ from the saved ones."""
         check_model(self.metadata, model, "this result")
 
     # -- storage ------------------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ from lightning_influence.storage.files import (
     tensor_digest,
     to_jsonable,
 )
-from lightning_influence.storage.chunks import ChunkFolder, check_same_run, index_digest, parameter_digest
+from lightning_influence.storage.chunks import (
+    ChunkFolder, check_same_run, index_digest, parameter_digest, projection_metadata,
+)
 from lightning_influence.storage.gradient_store import GradientStore, gradient_space
 from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult
 
@@ -72,7 +74,7 @@ __all__ = ["ChunkHook", "compute_influence", "run_identity"]
 _IDENTITY_FIELDS = ("method", "method_kwargs", "hessian_regularization", "curvature", "block_diagonal",
                     "influence_type", "batch_size", "chunk_batches", "max_memory", "parameter_names", "dtype",
                     "num_train", "num_queries", "chunk_size", "world_size", "loss", "curvature_samples",
-                    "curvature_seed", "query_rank")
+                    "curvature_seed", "query_rank", "projection")
 
 
 def versions() -> dict[str, str]:
@@ -354,7 +356,7 @@ def _run_metadata(model: TwiceDifferentiable, arguments: InfluenceArguments, tra
     return to_jsonable({
         **arguments.to_dict(),
         "num_train": len(train_indices), "num_queries": len(query_indices), "num_params": model.num_params,
-        "loss": model.loss_name,
+        "gradient_dim": model.gradient_dim, "projection": projection_metadata(model), "loss": model.loss_name,
         "parameter_names": model.param_names, "dtype": str(model.dtype), "world_size": world_size,
         "chunk_size": _chunk_size(model, arguments, training_data, train_indices, len(query_indices)),
         "versions": versions(),
