@@ -86,7 +86,8 @@ def keyword_sequences(n: int, seq_len: int, vocab: int, classes: int, keywords: 
     counts[torch.arange(n), labels] = top
     slot = torch.arange(most)
     present = slot[None, None, :] < counts[:, :, None]  # [n, classes, most]
-    chosen = torch.arange(classes)[None, :, None] * keywords + torch.randint(keywords, present.shape, generator=generator)
+    drawn = torch.randint(keywords, present.shape, generator=generator)
+    chosen = torch.arange(classes)[None, :, None] * keywords + drawn
     tokens = torch.randint(classes * keywords, vocab, (n, seq_len), generator=generator)
     placed = torch.where(present, chosen, tokens[:, : classes * most].view(n, classes, most)).reshape(n, -1)
     tokens[:, : classes * most] = placed
@@ -124,6 +125,10 @@ class TextClassifier(nn.Module):
         self.head = nn.Linear(d_model, classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Logits [B, classes] of token sequences [B, T], or [classes] of one unbatched sequence [T] (as stock
+        modules accept; dattri's setup runs the model on one)."""
+        if tokens.dim() == 1:
+            return self(tokens[None])[0]
         hidden = self.embed(tokens)
         for layer in self.layers:
             hidden = layer(hidden)
@@ -188,7 +193,8 @@ def damping(problem: Problem, value: str) -> float:
     Hutchinson's method on the first 1,000 training examples, as our "auto" does."""
     if value != "auto":
         return float(value)
-    model = TwiceDifferentiable(problem.module, F.cross_entropy, params=influence_params(problem.module))
+    model = TwiceDifferentiable(problem.module, F.cross_entropy, params=influence_params(problem.module),
+                                max_memory="512MB")
     subset = Problem(problem.name, problem.module, problem.x_train[:1000], problem.y_train[:1000], problem.x_test,
                      problem.y_test, 0.0, problem.batch_size, min(1000, problem.curvature_examples))
     with model.evaluating():
@@ -226,15 +232,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def ours(text: TextProblem, method: str = "ekfac", *, projection_dim: int | None = None, query_rank: int | None = None,
-         store: bool = False, self_influence: bool = False, **method_options: Any) -> RowRun:
+def ours(text: TextProblem, method: str = "ekfac", *, max_memory: str | None, projection_dim: int | None = None,
+         query_rank: int | None = None, store: bool = False, self_influence: bool = False,
+         **method_options: Any) -> RowRun:
     """Our engine on one process: fit, query factors, [M, N] scores (through a float16 `GradientStore` with
-    `store`, then rescoring the new queries from it), and optionally self-influence."""
+    `store`, then rescoring the new queries from it), and optionally self-influence; per-example gradients held
+    at once within `max_memory`."""
     def run(record: dict[str, Any]) -> Tensor:
         problem = text.problem
         projection = {} if projection_dim is None else {"projection_dim": projection_dim, "projection_seed": 0}
         model = TwiceDifferentiable(problem.module, F.cross_entropy, params=influence_params(problem.module),
-                                    **projection)
+                                    max_memory=max_memory, **projection)
         arguments = InfluenceArguments(method=method, method_kwargs=method_options, curvature="ggn",
                                        hessian_regularization=problem.regularization, batch_size=problem.batch_size)
         engine = InfluenceEngine(model, problem.curvature_loader(), arguments)
@@ -291,9 +299,9 @@ def kronfluence(text: TextProblem, query_rank: int | None, self_influence: bool)
     return (lambda _: run()), record
 
 
-def dattri_logra(text: TextProblem, projection_dim: int) -> RowRun:
+def dattri_logra(text: TextProblem, projection_dim: int, self_influence: bool) -> RowRun:
     """dattri's LoGra (Kronecker-factored Gaussian projections of each Linear layer's gradient, √k × √k, the
-    projected empirical Fisher + λI inverted): scores, rescoring of the new queries and self-influence."""
+    projected empirical Fisher + λI inverted): scores, rescoring of the new queries and optionally self-influence."""
     def run(record: dict[str, Any]) -> Tensor:
         import copy
 
@@ -316,8 +324,9 @@ def dattri_logra(text: TextProblem, projection_dim: int) -> RowRun:
         record["score_seconds"], start = since(start), time.perf_counter()
         record["rescores"] = attributor.attribute(problem.train_loader(), text.new_queries().test_loader()).T
         record["rescore_seconds"], start = since(start), time.perf_counter()
-        record["self_influence"] = attributor.compute_self_attribution()
-        record["self_seconds"] = since(start)
+        if self_influence:
+            record["self_influence"] = attributor.compute_self_attribution()
+            record["self_seconds"] = since(start)
         return scores
 
     return run
@@ -325,15 +334,15 @@ def dattri_logra(text: TextProblem, projection_dim: int) -> RowRun:
 
 def rows_to_run(text: TextProblem, args: argparse.Namespace) -> list[tuple[int, str, Callable[[], Row]]]:
     """(number, label, run) of every row asked for; row 1, the reference, first."""
-    k, r = args.projection_dim, args.query_rank
-    cg_options = {"rtol": args.cg_rtol, "maxiter": args.cg_maxiter}
-    ekfac = {"refine": args.refine}
-    kron, kron_record = kronfluence(text, None, args.peer_self_influence)
+    k, r, selfs = args.projection_dim, args.query_rank, set(args.self_influence)
+    ekfac = {"refine": args.refine, "max_memory": args.max_memory}
+    kron, kron_record = kronfluence(text, None, 7 in selfs)
     kron_rank, kron_rank_record = kronfluence(text, r, False)
     table: list[tuple[int, str, RowRun, dict[str, Any] | None]] = [
-        (1, "ours ekfac (A: unprojected, full rank)", ours(text, self_influence=True, **ekfac), None),
-        (2, f"ours cg on the GGN (rtol {args.cg_rtol:g})", ours(text, "cg", **cg_options), None),
-        (3, f"ours ekfac, projection_dim={k}", ours(text, projection_dim=k, self_influence=True, **ekfac), None),
+        (1, "ours ekfac (A: unprojected, full rank)", ours(text, self_influence=1 in selfs, **ekfac), None),
+        (2, f"ours cg on the GGN (rtol {args.cg_rtol:g})",
+         ours(text, "cg", max_memory=args.max_memory, rtol=args.cg_rtol, maxiter=args.cg_maxiter), None),
+        (3, f"ours ekfac, projection_dim={k}", ours(text, projection_dim=k, self_influence=3 in selfs, **ekfac), None),
         (4, f"ours ekfac, query_rank={r}", ours(text, query_rank=r, **ekfac), None),
         (5, f"ours ekfac, projection_dim={k}, query_rank={r}", ours(text, projection_dim=k, query_rank=r, **ekfac),
          None),
@@ -341,7 +350,7 @@ def rows_to_run(text: TextProblem, args: argparse.Namespace) -> list[tuple[int, 
                                                                            **ekfac), None),
         (7, "kronfluence ekfac", kron, kron_record),
         (8, f"kronfluence ekfac, query_gradient_low_rank={r}", kron_rank, kron_rank_record),
-        (9, f"dattri LoGra, proj_dim={args.logra_dim}", dattri_logra(text, args.logra_dim), None),
+        (9, f"dattri LoGra, proj_dim={args.logra_dim}", dattri_logra(text, args.logra_dim, 9 in selfs), None),
     ]
     chosen = set(args.rows) - (set() if args.cg else {2})
     return [(number, label, (lambda n=number, l=label, f=fn, rec=record: run_row(n, l, f, rec)))
@@ -383,7 +392,8 @@ def row_facts(row: Row, reference: Tensor | None, cg: Tensor | None, flipped: Te
 
 COLUMNS = [("row", "#"), ("method", "method"), ("fit_s", "fit (s)"), ("scores_s", "scores (s)"),
            ("fit_plus_scores_s", "fit + scores (s)"), ("self_influence_s", "self-influence (s)"),
-           ("rescoring_s", "rescoring M new (s)"), ("rescoring_ratio", "rescoring / (fit + scores)"), ("store_MB", "store (MB)"), ("row_total_s", "row total (s)"),
+           ("rescoring_s", "rescoring M new (s)"), ("rescoring_ratio", "rescoring / (fit + scores)"),
+           ("store_MB", "store (MB)"), ("row_total_s", "row total (s)"),
            ("peak_MB", "peak memory (MB)"), ("pearson_A", "Pearson vs A"), ("pearson_cg", "Pearson vs CG"),
            ("flipped_found", "flipped in top 5% by self-influence"), ("error", "note")]
 
@@ -409,7 +419,8 @@ def header(text: TextProblem, args: argparse.Namespace) -> list[str]:
     influence_p = sum(p.numel() for name, p in module.named_parameters() if name in chosen)
     k = round(FLIP_FRACTION * n)
     return [
-        f"# Problem (c): transformer text classifier, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"# Problem (c): transformer text classifier, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
+        " UTC",
         "",
         f"{platform.processor() or 'cpu'}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}.",
@@ -451,7 +462,9 @@ def parse_arguments() -> argparse.Namespace:
     methods.add_argument("--projection-dim", type=int, default=4096, help="our projection_dim k (per layer)")
     methods.add_argument("--query-rank", type=int, default=32, help="our query_rank and kronfluence's")
     methods.add_argument("--logra-dim", type=int, default=4096, help="dattri LoGra's proj_dim (a square)")
-    methods.add_argument("--peer-self-influence", action="store_true", help="kronfluence's self-influence too")
+    methods.add_argument("--self-influence", type=int, nargs="*", default=[1, 3, 9],
+                         help="rows that also compute self-influence (of 1, 3, 7, 9)")
+    methods.add_argument("--max-memory", default="512MB", help="our per-example gradients held at once")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the results: .json for JSON, else markdown")
     return parser.parse_args()
