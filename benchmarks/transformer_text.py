@@ -44,13 +44,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 from problems import Problem, train  # noqa: E402
@@ -145,7 +146,7 @@ class TextProblem:
     flipped: Tensor
     accuracy: float
     train_seconds: float
-    losses: Tensor = field(default_factory=lambda: torch.zeros(0))
+    losses: Tensor  # per-example training loss, [N]
 
     def new_queries(self) -> Problem:
         """The same problem with the new queries in place of the queries."""
@@ -171,10 +172,9 @@ def text_problem(args: argparse.Namespace) -> TextProblem:
         accuracy = float((module(tokens[n + 2 * m:]).argmax(1) == clean[n + 2 * m:]).float().mean())
     problem = Problem("c", module, tokens[:n], y_train, tokens[n : n + m], clean[n : n + m], 0.0,
                       batch_size=args.batch_size, curvature_examples=n)
-    text = TextProblem(problem, tokens[n + m : n + 2 * m], clean[n + m : n + 2 * m], flipped, accuracy, train_seconds)
-    text.losses = training_losses(problem)
     problem.regularization = damping(problem, args.damping)
-    return text
+    return TextProblem(problem, tokens[n + m : n + 2 * m], clean[n + m : n + 2 * m], flipped, accuracy, train_seconds,
+                       training_losses(problem))
 
 
 def training_losses(problem: Problem) -> Tensor:
@@ -195,10 +195,9 @@ def damping(problem: Problem, value: str) -> float:
         return float(value)
     model = TwiceDifferentiable(problem.module, F.cross_entropy, params=influence_params(problem.module),
                                 max_memory="512MB")
-    subset = Problem(problem.name, problem.module, problem.x_train[:1000], problem.y_train[:1000], problem.x_test,
-                     problem.y_test, 0.0, problem.batch_size, min(1000, problem.curvature_examples))
+    subset = DataLoader(TensorDataset(problem.x_train[:1000], problem.y_train[:1000]), batch_size=problem.batch_size)
     with model.evaluating():
-        return auto_regularization(CurvatureOperator(model, subset.train_loader(), curvature="ggn"))[0]
+        return auto_regularization(CurvatureOperator(model, subset, curvature="ggn"))[0]
 
 
 # -- rows ----------------------------------------------------------------------------------------------------
@@ -273,7 +272,8 @@ def stored_scores(text: TextProblem, engine: InfluenceEngine, factors: Tensor, r
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "store"
-        store = GradientStore.build(engine.model, text.problem.train_loader(), path, dtype=torch.float16)
+        store = GradientStore.build(engine.model, text.problem.train_loader(), path, dtype="float16",
+                                    batch_size=text.problem.batch_size)
         record["store_bytes"] = folder_bytes(Path(folder))
         scores = store.scores(factors)
         record["score_seconds"], start = since(start), time.perf_counter()
