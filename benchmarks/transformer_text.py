@@ -40,6 +40,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -315,8 +316,9 @@ def dattri_logra(text: TextProblem, projection_dim: int, self_influence: bool) -
         problem = text.problem
         module = copy.deepcopy(problem.module)
         task = AttributionTask(loss_func=loss, model=module, checkpoints=module.state_dict())
+        folder = tempfile.mkdtemp()  # dattri writes its batch metadata there (else into the working directory)
         attributor = LoGraAttributor(task, layer_names=linear_modules(module), damping=problem.regularization,
-                                     device="cpu", proj_dim=projection_dim, offload="cpu")
+                                     device="cpu", proj_dim=projection_dim, offload="cpu", cache_dir=folder)
         start = time.perf_counter()
         attributor.cache(problem.train_loader())
         record["fit_seconds"], start = since(start), time.perf_counter()
@@ -327,6 +329,7 @@ def dattri_logra(text: TextProblem, projection_dim: int, self_influence: bool) -
         if self_influence:
             record["self_influence"] = attributor.compute_self_attribution()
             record["self_seconds"] = since(start)
+        shutil.rmtree(folder)
         return scores
 
     return run
