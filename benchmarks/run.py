@@ -216,7 +216,13 @@ def captum_arnoldi(problem: Problem, device: str, rank: int) -> Callable[[], Ten
     return run
 
 
-def kronfluence_ekfac(problem: Problem, device: str) -> Callable[[], Tensor]:
+def kronfluence_ekfac(problem: Problem, device: str, *, score_options: dict[str, Any] | None = None,
+                      tracked_modules: list[str] | None = None, record: dict[str, Any] | None = None
+                      ) -> Callable[[], Tensor]:
+    """kronfluence's EK-FAC scores [M, N]. `score_options` go to its `ScoreArguments` (e.g.
+    `query_gradient_low_rank`), `tracked_modules` to `Task.get_influence_tracked_modules` (None: every Linear and
+    Conv2d). With `record`, the seconds of the factor fit ("fit_seconds") and of the scores ("score_seconds") go
+    into it, and when it holds "self_influence": True the self-influence of every training example too."""
     def run() -> Tensor:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -236,21 +242,36 @@ def kronfluence_ekfac(problem: Problem, device: str) -> Callable[[], Tensor]:
                 x, y = batch
                 return F.cross_entropy(model(x), y, reduction="sum")
 
+            def get_influence_tracked_modules(self) -> list[str] | None:
+                return tracked_modules
+
         task = Classification()
         module = prepare_model(copy.deepcopy(problem.module), task)
+        times = record if record is not None else {}
+        score_args = ScoreArguments(damping_factor=problem.regularization, **(score_options or {}))
+        train = TensorDataset(problem.x_train, problem.y_train)
         with tempfile.TemporaryDirectory() as folder:
             analyzer = Analyzer("bench", module, task, output_dir=folder, disable_tqdm=True, disable_model_save=True,
                                 cpu=not device.startswith("cuda"))
             curvature = TensorDataset(problem.x_train[: problem.curvature_examples], problem.y_train[: problem.curvature_examples])
+            start = time.perf_counter()
             analyzer.fit_all_factors("factors", curvature, factor_args=FactorArguments(strategy="ekfac"),
                                      per_device_batch_size=problem.batch_size, overwrite_output_dir=True)
+            middle = time.perf_counter()
             analyzer.compute_pairwise_scores(
-                "scores", "factors", TensorDataset(problem.x_test, problem.y_test),
-                TensorDataset(problem.x_train, problem.y_train), per_device_query_batch_size=len(problem.x_test),
-                per_device_train_batch_size=problem.batch_size, overwrite_output_dir=True,
-                score_args=ScoreArguments(damping_factor=problem.regularization),
+                "scores", "factors", TensorDataset(problem.x_test, problem.y_test), train,
+                per_device_query_batch_size=len(problem.x_test), per_device_train_batch_size=problem.batch_size,
+                overwrite_output_dir=True, score_args=score_args,
             )
-            return analyzer.load_pairwise_scores("scores")["all_modules"].detach()
+            scores = analyzer.load_pairwise_scores("scores")["all_modules"].detach()
+            times.update(fit_seconds=middle - start, score_seconds=time.perf_counter() - middle)
+            if times.get("self_influence"):
+                start = time.perf_counter()
+                analyzer.compute_self_scores("self", "factors", train, per_device_train_batch_size=problem.batch_size,
+                                             overwrite_output_dir=True, score_args=score_args)
+                times.update(self_influence=analyzer.load_self_scores("self")["all_modules"].detach(),
+                             self_seconds=time.perf_counter() - start)
+            return scores
 
     return run
 
