@@ -338,7 +338,7 @@ def dattri_logra(text: TextProblem, projection_dim: int, self_influence: bool) -
 def rows_to_run(text: TextProblem, args: argparse.Namespace) -> list[tuple[int, str, Callable[[], Row]]]:
     """(number, label, run) of every row asked for; row 1, the reference, first."""
     k, r, selfs = args.projection_dim, args.query_rank, set(args.self_influence)
-    ekfac = {"refine": args.refine, "max_memory": args.max_memory}
+    ekfac = {"refine": args.refine, "max_memory": args.max_memory, "samples": args.samples}
     kron, kron_record = kronfluence(text, None, 7 in selfs)
     kron_rank, kron_rank_record = kronfluence(text, r, False)
     table: list[tuple[int, str, RowRun, dict[str, Any] | None]] = [
@@ -462,6 +462,9 @@ def parse_arguments() -> argparse.Namespace:
     methods.add_argument("--cg-maxiter", type=int, default=100)
     methods.add_argument("--damping", default="auto", help='λ for every row: a number, or "auto"')
     methods.add_argument("--refine", type=int, default=0, help="our EK-FAC's refine (0: plain EK-FAC, as peers)")
+    methods.add_argument("--samples", type=int, default=None,
+                         help="our EK-FAC's pseudo-gradients per example (None: exact, one reverse pass per class; "
+                              "1: one sampled, as kronfluence's true Fisher takes)")
     methods.add_argument("--projection-dim", type=int, default=4096, help="our projection_dim k (per layer)")
     methods.add_argument("--query-rank", type=int, default=32, help="our query_rank and kronfluence's")
     methods.add_argument("--logra-dim", type=int, default=4096, help="dattri LoGra's proj_dim (a square)")

@@ -18,6 +18,7 @@ from lightning_influence import (
     GradientStore,
     IndexedData,
     InfluenceArguments,
+    InfluenceCallback,
     InfluenceResult,
     ResultMismatchError,
     TwiceDifferentiable,
@@ -226,6 +227,10 @@ def test_bad_store_options_are_refused(problem, tmp_path):
         InfluenceArguments(store_dtype="int8")
     with pytest.raises(TypeError, match="store_gradients must be True or False"):
         InfluenceArguments(store_gradients="yes")
+    with pytest.raises(TypeError, match="store_gradients must be True or False"):
+        InfluenceCallback(store_gradients="yes")
+    with pytest.raises(ValueError, match="store_dtype must be one of"):
+        InfluenceCallback(store_dtype="int8")
     data = TensorDataset(*problem[1])
     with pytest.raises(ValueError, match="dtype must be one of"):
         GradientStore.build(_model(problem), data, tmp_path, dtype="float8")
