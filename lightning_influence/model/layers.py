@@ -157,6 +157,21 @@ def layer_blocks(model: TwiceDifferentiable) -> tuple[list[LayerBlock], list[str
     return list(blocks.values()), unsupported
 
 
+def covered_blocks(model: TwiceDifferentiable, what: str, fallback: str) -> list[LayerBlock]:
+    """The layer blocks of the selected parameters; a ValueError saying that `what` covers only `COVERED`, naming
+    the selected parameters outside them, the `params=` that selects the covered ones, and `fallback`."""
+    blocks, unsupported = layer_blocks(model)
+    if unsupported:
+        missing = {entry.partition(" ")[0] for entry in unsupported}
+        covered = [name for name in model.param_names if name not in missing]
+        choice = f"Select only the covered layers with params={covered}" if covered else "None is covered"
+        raise ValueError(
+            f"{what} covers {COVERED}; it would leave out the selected parameters {unsupported}. {choice}, or "
+            f"{fallback}."
+        )
+    return blocks
+
+
 def token_sums(delta: Tensor, tokens: Tensor, count: int, out: Tensor | None = None) -> Tensor:
     """Σₜ δₜ e_{tokenₜ}ᵀ per example as [B, count, d] (transposed): each δₜ [B, T, d] added into its token's row;
     tokens [B, T] of −1 (padding) add nothing. Written into `out` when given."""
@@ -178,17 +193,8 @@ class LayerStructure:
 
     def __init__(self, model: TwiceDifferentiable, projected: bool = True, *,
                  fallback: str = "use another inversion method") -> None:
-        blocks, unsupported = layer_blocks(model)
-        if unsupported:
-            missing = {entry.partition(" ")[0] for entry in unsupported}
-            covered = [name for name in model.param_names if name not in missing]
-            choice = f"Select only the covered layers with params={covered}" if covered else "None is covered"
-            raise ValueError(
-                f"The per-layer form covers {COVERED}; it would leave out the selected parameters {unsupported}. "
-                f"{choice}, or {fallback}."
-            )
         self.model = model
-        self.blocks = blocks
+        self.blocks = covered_blocks(model, "The per-layer form", fallback)
         self.projection: Projection | None = model.projection if projected else None
         offsets, offset = {}, 0
         for name, numel in zip(model.param_names, model.param_numels):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.checks import positive_int
-from lightning_influence.model.layers import COVERED, LayerBlock, LayerStructure, layer_blocks
+from lightning_influence.model.layers import LayerBlock, LayerStructure, covered_blocks
 
 if TYPE_CHECKING:  # the model builds its projection from this module
     from lightning_influence.model.twice_differentiable import TwiceDifferentiable
@@ -146,15 +146,7 @@ class Projection:
 
     def __init__(self, model: TwiceDifferentiable, dim: int, seed: int = 0, kind: str = "gaussian") -> None:
         check_projection_options(dim, seed, kind)
-        blocks, unsupported = layer_blocks(model)
-        if unsupported:
-            missing = {entry.partition(" ")[0] for entry in unsupported}
-            covered = [name for name in model.param_names if name not in missing]
-            choice = f"Select only the covered layers with params={covered}" if covered else "None is covered"
-            raise ValueError(
-                f"projection_dim projects the gradients of {COVERED}; the selected parameters {unsupported} are "
-                f"outside them. {choice}, or leave projection_dim=None."
-            )
+        blocks = covered_blocks(model, "projection_dim", "leave projection_dim=None")
         self.per_layer, self.seed, self.kind = dim, seed, kind
         self.structure = LayerStructure(model, projected=False)
         self.layers = [self._layer(block, model) for block in blocks]
