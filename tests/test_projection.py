@@ -227,7 +227,8 @@ def test_bad_projection_options_are_refused(options, message):
 
 def test_parameters_outside_the_covered_layers_are_refused_by_name():
     module = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
-    with pytest.raises(ValueError, match=r"projection_dim covers .*\['1.weight \(LayerNorm\)', '1.bias \(LayerNorm\)'\].*"
+    with pytest.raises(ValueError, match=r"projection_dim covers .*"
+                                         r"\['1.weight \(LayerNorm\)', '1.bias \(LayerNorm\)'\].*"
                                          r"params=\['0.weight', '0.bias', '2.weight', '2.bias'\], or leave "
                                          r"projection_dim=None"):
         TwiceDifferentiable(module, F.cross_entropy, projection_dim=4)
