@@ -22,6 +22,7 @@ Rows, in one process on the same model and loaders (`--rows` picks some by numbe
   6 ours EK-FAC with projection_dim=k and a float16 GradientStore, then rescoring the new queries from the store
   7 kronfluence EK-FAC, 8 the same with query_gradient_low_rank=r
   9 dattri LoGra (projected empirical Fisher, stored preconditioned training gradients)
+  10 ours EK-FAC with projection_dim=k and the curvature fitted on a random subset (curvature_samples)
 
 For each row: seconds of the fit, of the scores (query gradients, factors and the [M, N] scores), of the
 self-influence and of rescoring where the row has them; peak memory (run.py's PeakMemory); the Pearson
@@ -65,6 +66,7 @@ from lightning_influence import (  # noqa: E402
     TwiceDifferentiable,
     compute_influences_up,
 )
+from lightning_influence.model.data import subsample_loader  # noqa: E402
 from lightning_influence.solvers.base import auto_regularization  # noqa: E402
 
 FLIP_FRACTION = 0.05
@@ -234,10 +236,10 @@ def folder_bytes(folder: Path) -> int:
 
 def ours(text: TextProblem, method: str = "ekfac", *, max_memory: str | None, projection_dim: int | None = None,
          query_rank: int | None = None, store: bool = False, self_influence: bool = False,
-         **method_options: Any) -> RowRun:
+         curvature_samples: int | None = None, **method_options: Any) -> RowRun:
     """Our engine on one process: fit, query factors, [M, N] scores (through a float16 `GradientStore` with
     `store`, then rescoring the new queries from it), and optionally self-influence; per-example gradients held
-    at once within `max_memory`."""
+    at once within `max_memory`; the curvature fitted on `curvature_samples` training examples (None: all)."""
     def run(record: dict[str, Any]) -> Tensor:
         problem = text.problem
         projection = {} if projection_dim is None else {"projection_dim": projection_dim, "projection_seed": 0}
@@ -245,7 +247,8 @@ def ours(text: TextProblem, method: str = "ekfac", *, max_memory: str | None, pr
                                     max_memory=max_memory, **projection)
         arguments = InfluenceArguments(method=method, method_kwargs=method_options, curvature="ggn",
                                        hessian_regularization=problem.regularization, batch_size=problem.batch_size)
-        engine = InfluenceEngine(model, problem.curvature_loader(), arguments)
+        curvature_data = subsample_loader(problem.curvature_loader(), curvature_samples, 0)
+        engine = InfluenceEngine(model, curvature_data, arguments)
         start = time.perf_counter()
         engine.fit()
         record["fit_seconds"], start = since(start), time.perf_counter()
@@ -354,6 +357,8 @@ def rows_to_run(text: TextProblem, args: argparse.Namespace) -> list[tuple[int, 
         (7, "kronfluence ekfac", kron, kron_record),
         (8, f"kronfluence ekfac, query_gradient_low_rank={r}", kron_rank, kron_rank_record),
         (9, f"dattri LoGra, proj_dim={args.logra_dim}", dattri_logra(text, args.logra_dim, 9 in selfs), None),
+        (10, f"ours ekfac, projection_dim={k}, curvature_samples={args.curvature_samples}",
+         ours(text, projection_dim=k, curvature_samples=args.curvature_samples, **ekfac), None),
     ]
     chosen = set(args.rows) - (set() if args.cg else {2})
     return [(number, label, (lambda n=number, l=label, f=fn, rec=record: run_row(n, l, f, rec)))
@@ -456,7 +461,9 @@ def parse_arguments() -> argparse.Namespace:
     training.add_argument("--weight-decay", type=float, default=1e-4)
     training.add_argument("--seed", type=int, default=0)
     methods = parser.add_argument_group("methods")
-    methods.add_argument("--rows", type=int, nargs="+", default=list(range(1, 10)), help="rows to run (1–9)")
+    methods.add_argument("--rows", type=int, nargs="+", default=list(range(1, 11)), help="rows to run (1–10)")
+    methods.add_argument("--curvature-samples", type=int, default=5000,
+                         help="row 10: the curvature fitted on this many training examples, scored on all N")
     methods.add_argument("--cg", action="store_true", help="run row 2, our CG reference (costly)")
     methods.add_argument("--cg-rtol", type=float, default=1e-3)
     methods.add_argument("--cg-maxiter", type=int, default=100)
