@@ -26,7 +26,7 @@ from lightning_influence.checks import Curvature
 from lightning_influence.curvature.operator import CurvatureOperator
 from lightning_influence.engine.arguments import InfluenceArguments
 from lightning_influence.enums import InversionMethod
-from lightning_influence.model.layers import LayerStructure
+from lightning_influence.model.layers import COVERED, LayerStructure
 from lightning_influence.model.twice_differentiable import TwiceDifferentiable
 from lightning_influence.solvers import Solver
 from lightning_influence.solvers.base import auto_regularization, extreme_eigenvalues
@@ -100,11 +100,13 @@ def choose_method(model: TwiceDifferentiable, arguments: InfluenceArguments
     p = model.gradient_dim
     budget = arguments.max_memory or model.max_memory or DIRECT_MEMORY
     needed = DIRECT_BYTES_PER_ENTRY * p * p
-    sizes = f"{'p' if model.projection is None else 'projected k'} = {p:,}: direct's matrices take {needed / 2**20:,.1f} MiB of a {budget / 2**20:,.1f} MiB budget"
+    name = "p" if model.projection is None else "projected k"
+    sizes = (f"{name} = {p:,}: direct's matrices take {needed / 2**20:,.1f} MiB of a {budget / 2**20:,.1f} MiB "
+             "budget")
     if needed <= budget:
         return InversionMethod.direct, {}, f"auto: {sizes}"
     if LayerStructure.supports(model):
-        return InversionMethod.ekfac, {}, f"auto: {sizes}; every selected layer is an nn.Linear or nn.Conv2d"
+        return InversionMethod.ekfac, {}, f"auto: {sizes}; every selected layer is one ekfac covers ({COVERED})"
     return (InversionMethod.cg, dict(CG_OPTIONS),
             f"auto: {sizes}; some selected parameters are outside the layers ekfac supports")
 
@@ -122,9 +124,10 @@ SELF_INFLUENCE_ROWS = 512
 
 def self_influence_rows(model: TwiceDifferentiable, solver: Solver, max_memory: int | None) -> int | None:
     """Training examples per self-influence solve: None (batch by batch) for a solver that solves without passes
-    over the data; for one that makes passes, SELF_INFLUENCE_ROWS, or fewer where SOLVE_COPIES rows of `gradient_dim` values
-    each would not fit in the budget (`max_memory`, else the model's, else SELF_INFLUENCE_MEMORY). A pass costs
-    less per vector for more vectors, and block CG's iterations fall as the block grows."""
+    over the data; for one that makes passes, SELF_INFLUENCE_ROWS, or fewer where SOLVE_COPIES rows of
+    `gradient_dim` values each would not fit in the budget (`max_memory`, else the model's, else
+    SELF_INFLUENCE_MEMORY). A pass costs less per vector for more vectors, and block CG's iterations fall as the
+    block grows."""
     if not solver.collective_solve:
         return None
     budget = max_memory or model.max_memory or SELF_INFLUENCE_MEMORY
