@@ -1,11 +1,11 @@
 """`GradientStore`: the per-example training gradients gᵢ = ∇θ ℓ(zᵢ) [N, d], written once and memory-mapped,
 so that new queries are scored as ⟨s, gᵢ⟩ without another pass over the training data.
 
-d is the length of the model's per-example gradients (`gradient_space`). The store is a `ChunkFolder`: each
-process writes its shard of the training examples (`Distribution.shard`, as a run scores them) chunk by chunk,
-each chunk an atomically written `.npy` file [≤ chunk_size, d] in the store's dtype, so that an interrupted build
-resumes from its finished chunks. Gradients are computed in a stream (`engine.scoring.gradient_blocks`) and
-never held all at once. The folder::
+d is the length of the model's per-example gradients (`TwiceDifferentiable.gradient_dim`). The store is a
+`ChunkFolder`: each process writes its shard of the training examples (`Distribution.shard`, as a run scores them)
+chunk by chunk, each chunk an atomically written `.npy` file [≤ chunk_size, d] in the store's dtype, so that an
+interrupted build resumes from its finished chunks. Gradients are computed in a stream
+(`engine.scoring.gradient_blocks`) and never held all at once. The folder::
 
     path/
       manifest.json           the store's identity: weights, parameters, loss, gradient space, dtype, data, chunks
@@ -39,7 +39,7 @@ from lightning_influence.storage.chunks import (
 )
 from lightning_influence.storage.files import atomic_write_json, load_array, read_json, to_jsonable
 
-__all__ = ["GradientStore", "gradient_space"]
+__all__ = ["GradientStore"]
 
 #: Bumped whenever the store's layout changes; a store with another version is refused on open.
 STORE_FORMAT_VERSION = 1
@@ -49,18 +49,13 @@ _STAGE = "gradients"
 SCORE_BLOCK_BYTES = 64 * 2**20
 
 
-def gradient_space(model: TwiceDifferentiable) -> dict[str, Any]:
-    """What the per-example gradients of `model` are vectors of: their length d and the projection that
-    compressed them (None: the full gradients); a store or result of another gradient space is refused."""
-    return {"gradient_dim": model.gradient_dim, "projection": projection_metadata(model)}
-
-
 def _identity(model: TwiceDifferentiable, indices: Sequence[int], dtype: str, chunk_size: int,
               world_size: int) -> dict[str, Any]:
     """What makes two stores the same store."""
     return to_jsonable({
         "parameters": parameter_digest(model), "parameter_names": model.param_names, "loss": model.loss_name,
-        "model_dtype": str(model.dtype), **gradient_space(model), "store_dtype": dtype,
+        "model_dtype": str(model.dtype), "gradient_dim": model.gradient_dim,
+        "projection": projection_metadata(model), "store_dtype": dtype,
         "train_indices": index_digest(indices), "num_train": len(indices), "chunk_size": chunk_size,
         "world_size": world_size,
     })
@@ -153,7 +148,7 @@ class GradientStore:
             if distribution.is_global_zero:
                 atomic_write_json(folder / STORE_FILE, {
                     "format_version": STORE_FORMAT_VERSION, "identity": identity, "dtype": dtype,
-                    "shape": [len(indices), gradient_space(model)["gradient_dim"]], "shards": shards,
+                    "shape": [len(indices), model.gradient_dim], "shards": shards,
                 })
         distribution.barrier()
         return cls.open(folder)
@@ -178,17 +173,12 @@ class GradientStore:
         return cls(folder, manifest)
 
     def check_model(self, model: TwiceDifferentiable) -> None:
-        """Refuse a model other than the one the store was built from: other weights, parameters or loss, or
-        gradients in another space (length, projection)."""
+        """Refuse a model other than the one the store was built from: other weights, parameters, loss or
+        projection (which together fix the gradients' length)."""
         saved = self.identity
         check_model({"parameter_names": saved["parameter_names"], "loss": saved["loss"],
                      "fingerprint": {"parameters": saved["parameters"]}, "projection": saved.get("projection")},
                     model, "the gradient store")
-        space = gradient_space(model)
-        stored = {key: saved.get(key) for key in space}
-        if stored != to_jsonable(space):
-            raise ValueError(f"The model's gradients ({space}) are not those of the gradient store ({stored}); "
-                             "score with the model (and projection) the store was built with.")
 
     def blocks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(columns [b], gradients [b, d]) for blocks of stored examples in storage order: each example's position

@@ -62,7 +62,7 @@ from lightning_influence.storage.files import (
 from lightning_influence.storage.chunks import (
     ChunkFolder, check_same_run, index_digest, parameter_digest, projection_metadata,
 )
-from lightning_influence.storage.gradient_store import GradientStore, gradient_space
+from lightning_influence.storage.gradient_store import GradientStore
 from lightning_influence.storage.result import FORMAT_VERSION, METADATA_FILE, InfluenceResult
 
 #: Called after each stored chunk with (stage, chunk number, number of chunks); a hook for progress or tests.
@@ -249,7 +249,7 @@ def _add_gradient_store(engine: InfluenceEngine, result: InfluenceResult, solver
     chunk_size = arguments.chunk_size
     budget = arguments.max_memory if arguments.max_memory is not None else model.max_memory
     if budget is not None:  # a chunk's gradients [chunk, d] are held at once before they are written
-        chunk_size = max(1, min(chunk_size, budget // (gradient_space(model)["gradient_dim"] * model.dtype.itemsize)))
+        chunk_size = max(1, min(chunk_size, budget // (model.gradient_dim * model.dtype.itemsize)))
     with _named("the gradient store"):
         store = GradientStore.build(model, training_data, folder / STORE_FOLDER, dtype=arguments.store_dtype,
                                     chunk_size=chunk_size, batch_size=arguments.batch_size,
