@@ -70,6 +70,18 @@ def test_a_store_of_projected_gradients_rescores_to_the_run_scores(problem, tmp_
     torch.testing.assert_close(rescored.scores, result.scores, rtol=1e-10, atol=1e-12)
 
 
+def test_the_report_summary_names_the_query_rank_and_the_store(problem, tmp_path):
+    from lightning_influence.reports.write import write_reports
+
+    result = _run(_projected(problem[0]), problem, tmp_path, query_rank=1)
+    (x, y), (xq, yq) = problem[1], problem[2]
+    write_reports(result, train_data=IndexedData(TensorDataset(x, y)), query_data=IndexedData(TensorDataset(xq, yq)),
+                  top_k=3, folder=tmp_path / "report", loggers=[], step=0, model=_projected(problem[0]))
+    summary = (tmp_path / "report" / "influence.md").read_text()
+    assert "| query rank | 1 per layer block of every factor |" in summary
+    assert f"| gradient store | float64 [{N_TRAIN}, {result.metadata['gradient_dim']}]: new queries" in summary
+
+
 def test_a_store_refuses_a_model_projected_another_way(problem, tmp_path):
     module, _, (xq, yq) = problem
     _run(_projected(module), problem, tmp_path)

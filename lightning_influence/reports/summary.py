@@ -108,6 +108,12 @@ def summary_markdown(result: InfluenceResult, store: ExampleStore, self_rows: Se
     if projection:
         facts.append(("gradient projection", f"{projection['kind']}, projection_dim={projection['dim_per_layer']}, "
                                              f"seed {projection['seed']}: k = {projection['dim']} projected values"))
+    if meta.get("query_rank") is not None:
+        facts.append(("query rank", f"{meta['query_rank']} per layer block of every factor"))
+    kept = meta.get("gradient_store")
+    if kept:
+        facts.append(("gradient store", f"{kept['dtype']} [{kept['shape'][0]}, {kept['shape'][1]}]: new queries "
+                                        "with InfluenceResult.score_queries"))
     facts += [(name.removeprefix(f"{TAG}/").replace("_", " "), f"{value:.4g}")
               for name, value in scalars(result).items() if not name.endswith(("num_train", "num_queries"))]
     facts += _suspect_counts(store, self_rows)
